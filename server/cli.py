@@ -1,0 +1,288 @@
+"""`superweights` command line: detect, serve, and client commands for a running server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from compression.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport
+
+from compression.errors import UserError
+
+
+def _detection_settings(args: argparse.Namespace) -> DetectionSettings:
+    return DetectionSettings(spike_ratio=args.spike_ratio, min_effect=args.min_effect,
+                             eval_tokens=args.eval_tokens, max_candidates=args.max_candidates)
+
+
+def add_detection_options(p: argparse.ArgumentParser) -> None:
+    d = DetectionSettings()
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="detection prompt (default: %(default)r)")
+    p.add_argument("--eval-text", type=Path, help="evaluation text file (default: bundled Moby-Dick ch. 1-3)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="tokens used to verify (%(default)s)")
+    p.add_argument("--spike-ratio", type=float, default=d.spike_ratio,
+                   help="a layer spikes when max |output| is this multiple of its median |output| (%(default)s)")
+    p.add_argument("--min-effect", type=float, default=d.min_effect,
+                   help="confirm when removal multiplies perplexity by this much (%(default)s)")
+    p.add_argument("--max-candidates", type=int, default=d.max_candidates, help="(%(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if a cached report matches")
+
+
+def print_report(report: SuperWeightReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m, e = report.model, report.eval
+    console.print(f"[bold]{m.get('name', m['architecture'])}[/bold] ({m['architecture']}, {m['num_layers']} layers, "
+                  f"hidden {m['hidden_size']})  prompt: {report.prompt!r}")
+    console.print(f"eval: {e['text']} ({e['tokens']} tokens), baseline perplexity {e['baseline_perplexity']:.2f}")
+    if not report.super_weights:
+        console.print("[yellow]no super weights found[/yellow]: no candidate's removal changed perplexity by "
+                      f"{report.settings['min_effect']}x or more")
+    for title, weights in (("super weights", report.super_weights), ("rejected candidates", report.rejected_candidates)):
+        if not weights:
+            continue
+        table = Table(title=title)
+        for col in ("layer", "module", "row", "col", "value", "|in|", "|out|", "ppl x alone", "ppl x conditional"):
+            table.add_column(col, justify="right" if col != "module" else "left")
+        for w in weights:
+            table.add_row(str(w.layer), w.module, str(w.row), str(w.col), f"{w.value:+.4f}",
+                          f"{w.input_magnitude:.1f}", f"{w.output_magnitude:.1f}", f"{w.perplexity_ratio:.2f}",
+                          "-" if w.conditional_ratio is None else f"{w.conditional_ratio:.1f}")
+        console.print(table)
+    if report.super_weights:
+        base = e["baseline_perplexity"]
+        console.print(f"all super weights removed: perplexity {e['removed_perplexity']:.1f} "
+                      f"({e['removed_perplexity'] / base:.1f}x); the {e['control_weights']} largest other "
+                      f"down-projection weights removed: {e['control_perplexity']:.2f} "
+                      f"({e['control_perplexity'] / base:.2f}x)")
+    if report.super_activations:
+        acts = report.super_activations
+        console.print(f"super activation: channel {acts[0].channel}, {acts[0].value:+.1f} at token "
+                      f"{acts[0].token_position} ({acts[0].token!r}), layers {acts[0].layer}-{acts[-1].layer}")
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from compression.pipeline import detect
+
+    _, report = detect(args.model, prompt=args.prompt, settings=_detection_settings(args), eval_path=args.eval_text,
+                       use_cache=not args.no_cache, progress=not args.quiet)
+    if args.plot:
+        from compression.plots import plot_layer_extremes
+
+        plot_layer_extremes(report, args.plot)
+    if args.json:
+        print(report.to_json())
+    else:
+        print_report(report)
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from compression.models import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.model)
+    print(f"{checkpoint.name}: {checkpoint.path} (sha256 {checkpoint.sha256[:16]})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .app import ServeConfig, run
+    from .service import Limits
+
+    engine_options = {k: v for k, v in (("tensor_parallel_size", args.tensor_parallel_size),
+                                        ("pipeline_parallel_size", args.pipeline_parallel_size),
+                                        ("gpu_memory_utilization", args.gpu_memory_utilization),
+                                        ("enforce_eager", args.enforce_eager or None)) if v is not None}
+    tokens = tuple(args.auth_token or ()) + tuple(
+        t for t in os.environ.get("SUPERWEIGHTS_AUTH_TOKENS", "").split(",") if t.strip())
+    config = ServeConfig(
+        model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port, device=args.device,
+        dtype=args.dtype, max_model_len=args.max_model_len, engine_options=engine_options,
+        limits=Limits(max_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent, max_queue=args.max_queue),
+        auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        grace_seconds=args.grace, canary_interval=args.canary_interval, prompt=args.prompt,
+        detection=_detection_settings(args), eval_text=args.eval_text)
+    asyncio.run(run(config))
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from .client import SuperWeightClient
+
+    return SuperWeightClient(args.target, token=args.token or os.environ.get("SUPERWEIGHTS_TOKEN"),
+                             root_cert=args.tls_ca, client_cert=args.tls_client_cert,
+                             client_key=args.tls_client_key, timeout=args.timeout)
+
+
+def _sampling_args(args: argparse.Namespace) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "logprobs": args.logprobs}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        last = None
+        for message in client.generate_stream(args.prompt, variant=args.variant, chat=args.chat,
+                                              **_sampling_args(args)):
+            print(message.text, end="", flush=True)
+            last = message
+        print()
+        print(f"[{last.finish_reason}: {last.prompt_tokens} prompt + {last.completion_tokens} generated tokens]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = SuperWeightReport.from_dict(__import__("json").loads(client.super_weights().report_json))
+    if args.json:
+        print(report.to_json())
+    else:
+        print_report(report)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as client:
+        response = client.compare(args.prompt, variants=args.variant, alphas=args.alpha, chat=args.chat,
+                                  **_sampling_args(args))
+    table = Table(title=f"prompt: {args.prompt!r}", show_lines=True)
+    for col in ("variant", "text", "stop-word mass", "first diff", "top-1 agree", "KL top-k"):
+        table.add_column(col)
+    divergence = {d.variant: d for d in response.divergence}
+    for arm in response.arms:
+        d = divergence.get(arm.variant)
+        table.add_row(arm.variant, arm.text, f"{arm.stop_word_mass:.3f}", "-" if d is None else str(d.first_differing_token),
+                      "-" if d is None else f"{d.top1_agreement:.2f}", "-" if d is None else f"{d.mean_kl_topk:.3f}")
+    Console().print(table)
+    return 0
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port (%(default)s)")
+    p.add_argument("--token", help="bearer token (or $SUPERWEIGHTS_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--tls-client-cert", type=Path, help="client certificate for mutual TLS")
+    p.add_argument("--tls-client-key", type=Path, help="client key for mutual TLS")
+    p.add_argument("--timeout", type=float, default=300, help="deadline in seconds (%(default)s)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (%(default)s)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append")
+    p.add_argument("--logprobs", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="superweights", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="find and verify a model's super weights")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (schema superweights.report/v1)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="per-layer down_proj max |input| / |output| plot")
+    add_detection_options(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("serve", help="serve a model over gRPC (default: the embedded model on this machine)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory or .gguf (default: embedded)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (%(default)s)")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port, 0 for none (%(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-concurrent", type=int, default=64, help="engine-bound requests running at once")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that; more are refused")
+    p.add_argument("--auth-token", action="append", help="accepted bearer token (repeat; or "
+                   "$SUPERWEIGHTS_AUTH_TOKENS, comma-separated); none: no auth")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    p.add_argument("--canary-interval", type=float, default=60.0, help="seconds between canary runs; 0: off")
+    p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica")
+    p.add_argument("--pipeline-parallel-size", type=int, help="vLLM: pipeline stages")
+    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: fraction of GPU memory to use")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation")
+    add_detection_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream a generation from a running server")
+    add_sampling_options(p)
+    p.add_argument("--variant", default="", help="base (default), no_super_weights, ...")
+    add_client_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("report", help="the super weights a running server found")
+    p.add_argument("--json", action="store_true")
+    add_client_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="A/B: one prompt through the base model and without super weights")
+    add_sampling_options(p)
+    p.add_argument("--variant", action="append", help="arms (default: base, no_super_weights)")
+    p.add_argument("--alpha", type=float, action="append", help="also run super weights scaled by ALPHA")
+    add_client_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("model", help="model cache commands")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    q = model_sub.add_parser("prepare", help="fetch and convert a model to a safetensors checkpoint (cached)")
+    q.add_argument("model", nargs="?", default=None, help="checkpoint directory or .gguf (default: embedded)")
+    q.set_defaults(func=cmd_model_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by transformers' and huggingface_hub's bars
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except UserError as e:  # the caller's mistake: one line, exit 2, no traceback
+        if args.verbose:
+            raise
+        print(f"superweights: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a gRPC error from a client command: one line with its status
+        import grpc
+
+        if not isinstance(e, grpc.RpcError) or args.verbose:
+            raise
+        print(f"superweights: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Output-quality measures: stop-word mass, A/B divergence, and the background perplexity canary."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from .engine import TokenChoice
+
+log = logging.getLogger(__name__)
+
+# The paper's observation: without its super weight a model moves probability mass to stop words.
+STOP_WORDS = ("the", "The", ".", ",", "and", "of", "a", "to", "in", "is", "that", "it", "\n", ";", ":")
+
+
+def stop_word_ids(tokenize) -> frozenset[int]:
+    """Token ids of stop words that are single tokens, with and without a leading space."""
+    ids = set()
+    for word in STOP_WORDS:
+        for form in (word, " " + word):
+            encoded = tokenize(form)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+    return frozenset(ids)
+
+
+def stop_word_mass(tokens: list[TokenChoice], stop_ids: frozenset[int]) -> float:
+    """Mean over generated positions of the probability on stop words among the returned top-k."""
+    if not tokens:
+        return 0.0
+    per_position = [sum(math.exp(lp) for tid, _, lp in t.top if tid in stop_ids) for t in tokens]
+    return sum(per_position) / len(per_position)
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token; -1 when equal (a shorter sequence differs where it ends)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return -1 if len(a) == len(b) else min(len(a), len(b))
+
+
+def kl_topk(p: dict[int, float], q: dict[int, float]) -> float:
+    """KL(p || q) over p's top-k (logprobs); a token missing from q's top-k gets q's smallest top-k logprob,
+    an upper bound on its true probability, so this under- rather than over-states the divergence."""
+    floor = min(q.values())
+    return sum(math.exp(lp) * (lp - q.get(tid, floor)) for tid, lp in p.items())
+
+
+@dataclass(frozen=True)
+class DivergenceResult:
+    first_differing_token: int
+    top1_agreement: float
+    mean_kl_topk: float
+
+
+def divergence(reference: list[TokenChoice], forced: list[dict[int, float]], ref_ids: list[int],
+               arm_ids: list[int]) -> DivergenceResult:
+    """Compare an arm with the reference arm.
+
+    Args:
+        reference: the reference arm's generated tokens with their top-k.
+        forced: the arm's top-k logprobs at each position of the reference continuation (teacher forcing).
+        ref_ids, arm_ids: the two free-running generations.
+    """
+    n = min(len(reference), len(forced))
+    if n == 0:
+        return DivergenceResult(first_difference(ref_ids, arm_ids), 1.0, 0.0)
+    agree = kls = 0.0
+    for ref, q in zip(reference[:n], forced[:n]):
+        p = {tid: lp for tid, _, lp in ref.top}
+        agree += max(p, key=p.get) == max(q, key=q.get)
+        kls += kl_topk(p, q)
+    return DivergenceResult(first_difference(ref_ids, arm_ids), agree / n, kls / n)
+
+
+class Canary:
+    """Every `interval` seconds, the perplexity of a fixed probe text per variant, through the engine itself.
+
+    It runs as ordinary engine requests beside live traffic, so it never blocks serving; its results go to
+    `superweights_canary_perplexity{variant}` and `latest`.
+    """
+
+    def __init__(self, engine, metrics, probe_ids: list[int], interval: float = 60.0, window: int = 512):
+        self.engine, self.metrics, self.probe_ids = engine, metrics, probe_ids
+        self.interval, self.window = interval, window
+        self.latest: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+
+    async def measure(self) -> dict[str, float]:
+        variants = [v for v in self.engine.variants if not v.startswith("scaled_")]
+        values = await asyncio.gather(*(self.engine.perplexity(self.probe_ids, v, self.window) for v in variants))
+        self.latest = dict(zip(variants, values))
+        for variant, value in self.latest.items():
+            self.metrics.canary_perplexity.labels(variant).set(value)
+        self.metrics.canary_last_run.set(time.time())
+        self.metrics.canary_runs.labels("ok").inc()
+        return self.latest
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.measure()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the canary must never take the server down; it is counted and logged
+                self.metrics.canary_runs.labels("error").inc()
+                log.exception("canary measurement failed")
+
+    def start(self) -> None:
+        if self.interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="superweights-canary")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,283 @@
+"""The gRPC servicer: validate, call the engine, map the result. Protobuf types stop here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from compression.detect import SuperWeight
+from superweights.v1 import superweights_pb2 as pb
+from superweights.v1 import superweights_pb2_grpc as pb_grpc
+
+from .engine import BASE, MAX_LOGPROBS, REMOVED, Chunk, EngineError, Sampling, SuperWeightEngine, UnknownVariantError
+from .metrics import Metrics, variant_label
+from .quality import divergence, stop_word_ids, stop_word_mass
+
+log = logging.getLogger(__name__)
+
+MAX_ALPHAS = 4
+ALPHA_RANGE = (-16.0, 16.0)
+
+
+class RequestError(Exception):
+    """A request that fails with a specific gRPC status; the message is for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 1024
+    default_max_tokens: int = 64
+    max_concurrent: int = 64  # engine-bound RPCs running at once
+    max_queue: int = 256  # engine-bound RPCs waiting beyond that; more get RESOURCE_EXHAUSTED
+    max_prompt_chars: int = 200_000
+
+
+# -- proto -> internal -----------------------------------------------------------------------------------------
+def sampling_from_proto(msg: pb.SamplingParams, limits: Limits) -> Sampling:
+    max_tokens = msg.max_tokens or limits.default_max_tokens
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise invalid(f"sampling.max_tokens must be between 1 and {limits.max_tokens}, got {msg.max_tokens}")
+    temperature = msg.temperature if msg.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid(f"sampling.temperature must be >= 0 (0 is greedy), got {temperature}")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    if not (0 < top_p <= 1):
+        raise invalid(f"sampling.top_p must be in (0, 1], got {top_p}")
+    if msg.top_k < -1:
+        raise invalid(f"sampling.top_k must be -1 or 0 (disabled) or >= 1, got {msg.top_k}")
+    if not 0 <= msg.logprobs <= MAX_LOGPROBS:
+        raise invalid(f"sampling.logprobs must be between 0 and {MAX_LOGPROBS}, got {msg.logprobs}")
+    if any(not s for s in msg.stop):
+        raise invalid("sampling.stop must not contain empty strings")
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(msg.top_k, 0),
+                    seed=msg.seed if msg.HasField("seed") else None, stop=tuple(msg.stop), logprobs=msg.logprobs,
+                    ignore_eos=msg.ignore_eos)
+
+
+def prompt_ids_from_proto(msg, engine: SuperWeightEngine, sampling: Sampling, limits: Limits,
+                          max_model_len: int) -> list[int]:
+    kind = msg.WhichOneof("prompt")
+    if kind is None:
+        raise invalid("prompt is empty: set prompt.text or prompt.token_ids")
+    if kind == "text":
+        if not msg.text.strip():
+            raise invalid("prompt.text is empty")
+        if len(msg.text) > limits.max_prompt_chars:
+            raise invalid(f"prompt.text has {len(msg.text)} characters; the limit is {limits.max_prompt_chars}")
+        ids = engine.tokenize(msg.text, chat=msg.chat)
+    else:
+        ids = list(msg.token_ids.ids)
+        if not ids:
+            raise invalid("prompt.token_ids is empty")
+        bad = [i for i in ids if not 0 <= i < engine.vocab_size]
+        if bad:
+            raise invalid(f"prompt.token_ids has ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
+    if len(ids) + sampling.max_tokens > max_model_len:
+        raise invalid(f"prompt has {len(ids)} tokens; with max_tokens={sampling.max_tokens} that exceeds the "
+                      f"context of {max_model_len} tokens: shorten the prompt or lower max_tokens")
+    return ids
+
+
+# -- internal -> proto -----------------------------------------------------------------------------------------
+def tokens_to_proto(tokens) -> list[pb.GeneratedToken]:
+    return [pb.GeneratedToken(token_id=t.token_id, token=t.token, logprob=t.logprob,
+                              top=[pb.TokenLogprob(token_id=i, token=s, logprob=lp) for i, s, lp in t.top])
+            for t in tokens]
+
+
+def chunk_to_proto(chunk: Chunk) -> pb.GenerateResponse:
+    return pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, tokens=tokens_to_proto(chunk.tokens),
+                               finish_reason=chunk.finish_reason or "", prompt_tokens=chunk.prompt_tokens,
+                               completion_tokens=chunk.completion_tokens)
+
+
+def weight_to_proto(w: SuperWeight) -> pb.SuperWeight:
+    return pb.SuperWeight(layer=w.layer, module=w.module, row=w.row, col=w.col, value=w.value,
+                          input_magnitude=w.input_magnitude, output_magnitude=w.output_magnitude,
+                          perplexity_removed=w.perplexity_removed or 0.0, perplexity_ratio=w.perplexity_ratio or 0.0,
+                          conditional_ratio=w.conditional_ratio or 0.0)
+
+
+def report_to_proto(report) -> pb.SuperWeightReport:
+    m, e = report.model, report.eval
+    return pb.SuperWeightReport(
+        model_name=m.get("name", ""), model_source=m.get("source", ""), model_sha256=m.get("sha256", ""),
+        architecture=m["architecture"], prompt=report.prompt, created_at=report.created_at,
+        super_weights=[weight_to_proto(w) for w in report.super_weights],
+        rejected_candidates=[weight_to_proto(w) for w in report.rejected_candidates],
+        super_activations=[pb.SuperActivation(layer=a.layer, channel=a.channel, value=a.value,
+                                              token_position=a.token_position, token=a.token)
+                           for a in report.super_activations],
+        eval_text=e["text"], eval_tokens=e["tokens"], baseline_perplexity=e["baseline_perplexity"],
+        removed_perplexity=e["removed_perplexity"] or 0.0, control_perplexity=e["control_perplexity"] or 0.0,
+        report_json=report.to_json())
+
+
+class Admission:
+    """At most `max_concurrent` engine-bound RPCs run; up to `max_queue` more wait; beyond that, refuse."""
+
+    def __init__(self, limits: Limits, metrics: Metrics):
+        self._slots = asyncio.Semaphore(limits.max_concurrent)
+        self._capacity = limits.max_concurrent + limits.max_queue
+        self._admitted = 0
+        self._limits, self._metrics = limits, metrics
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self._admitted >= self._capacity:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server busy: {self._limits.max_concurrent} requests running and "
+                               f"{self._limits.max_queue} queued; retry later")
+        self._admitted += 1
+        try:
+            self._metrics.queued.inc()
+            try:
+                await self._slots.acquire()
+            finally:
+                self._metrics.queued.dec()
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            self._admitted -= 1
+
+
+class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
+    def __init__(self, engine: SuperWeightEngine, metrics: Metrics, limits: Limits, model_info: dict):
+        self.engine, self.metrics, self.limits = engine, metrics, limits
+        self.model_info = model_info
+        self.admission = Admission(limits, metrics)
+        self.stop_ids = stop_word_ids(lambda s: engine.tokenize(s))
+        self.accepting = True
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
+        """Status-code mapping, metrics and in-flight accounting for one RPC, in one place."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.labels(method).inc()
+        try:
+            if not self.accepting:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            yield
+        except RequestError as e:
+            code = e.code
+            await context.abort(e.code, str(e))
+        except UnknownVariantError as e:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(e))
+        except EngineError as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"internal error in {method}; see the server log")
+        finally:
+            self.metrics.in_flight.labels(method).dec()
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    def _variant(self, name: str) -> str:
+        variant = name or BASE
+        self.engine.check_variant(variant)
+        return variant
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        async with self._rpc("Generate", context):
+            sampling = sampling_from_proto(request.sampling, self.limits)
+            variant = self._variant(request.variant)
+            ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
+            start, first = time.perf_counter(), True
+            async with self.admission.slot():
+                async for chunk in self.engine.generate(ids, sampling, variant):
+                    if first and chunk.token_ids:
+                        self.metrics.time_to_first_token.labels("Generate").observe(time.perf_counter() - start)
+                        first = False
+                    if chunk.finish_reason:
+                        label = variant_label(variant)
+                        self.metrics.prompt_tokens.labels(label).inc(chunk.prompt_tokens)
+                        self.metrics.completion_tokens.labels(label).inc(chunk.completion_tokens)
+                    await context.write(chunk_to_proto(chunk))
+
+    async def GetSuperWeights(self, request, context):
+        async with self._rpc("GetSuperWeights", context):
+            return report_to_proto(self.engine.report)
+
+    async def GetModelInfo(self, request, context):
+        async with self._rpc("GetModelInfo", context):
+            return pb.ModelInfo(variants=self.engine.variants, **self.model_info)
+
+    async def _run_arm(self, ids: list[int], sampling: Sampling, variant: str):
+        text, token_ids, tokens, finish = [], [], [], ""
+        async for chunk in self.engine.generate(ids, sampling, variant):
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            tokens.extend(chunk.tokens)
+            finish = chunk.finish_reason or finish
+        label = variant_label(variant)
+        self.metrics.prompt_tokens.labels(label).inc(len(ids))
+        self.metrics.completion_tokens.labels(label).inc(len(token_ids))
+        return "".join(text), token_ids, tokens, finish
+
+    async def CompareGenerations(self, request: pb.CompareRequest, context):
+        async with self._rpc("CompareGenerations", context):
+            if not self.engine.report.super_weights:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "this model has no confirmed super weights: there is nothing to compare")
+            sampling = sampling_from_proto(request.sampling, self.limits)
+            # every arm returns top-k so that stop-word mass and divergence can be measured
+            sampling = Sampling(**{**sampling.__dict__, "logprobs": max(sampling.logprobs, MAX_LOGPROBS)})
+            variants = [self._variant(v) for v in request.variants] or [BASE, REMOVED]
+            if len(request.alphas) > MAX_ALPHAS:
+                raise invalid(f"at most {MAX_ALPHAS} alphas per compare, got {len(request.alphas)}")
+            for alpha in request.alphas:
+                if not (math.isfinite(alpha) and ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]):
+                    raise invalid(f"alphas must be finite and within {ALPHA_RANGE}, got {alpha}")
+            ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
+            async with self.admission.slot():
+                variants += [await self.engine.scaled_variant(a) for a in request.alphas]
+                variants = list(dict.fromkeys(variants))
+                arms = await asyncio.gather(*(self._run_arm(ids, sampling, v) for v in variants))
+                reference = arms[0]
+                forced = await asyncio.gather(*(self.engine.forced_topk(ids, reference[1], v, MAX_LOGPROBS)
+                                                for v in variants[1:]))
+            response = pb.CompareResponse()
+            for variant, (text, token_ids, tokens, finish) in zip(variants, arms):
+                mass = stop_word_mass(tokens, self.stop_ids)
+                self.metrics.stop_word_mass.labels(variant_label(variant)).observe(mass)
+                response.arms.append(pb.ArmResult(variant=variant, text=text, token_ids=token_ids,
+                                                  tokens=tokens_to_proto(tokens), finish_reason=finish,
+                                                  stop_word_mass=mass))
+            for variant, arm, topk in zip(variants[1:], arms[1:], forced):
+                d = divergence(reference[2], topk, reference[1], arm[1])
+                label = variant_label(variant)
+                self.metrics.compare_first_difference.labels(label).observe(
+                    len(reference[1]) if d.first_differing_token < 0 else d.first_differing_token)
+                self.metrics.compare_top1_agreement.labels(label).observe(d.top1_agreement)
+                self.metrics.compare_kl.labels(label).observe(d.mean_kl_topk)
+                response.divergence.append(pb.Divergence(
+                    variant=variant, first_differing_token=d.first_differing_token,
+                    top1_agreement=d.top1_agreement, mean_kl_topk=d.mean_kl_topk))
+            return response
