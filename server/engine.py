@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BASE = "base"
 REMOVED = "no_super_weights"
+REMOVED_ONE = "no_super_weight_"  # + index in the report: only that one removed
 MAX_LOGPROBS = 20
 
 
@@ -46,7 +47,8 @@ class EngineConfig:
     device: str = "auto"  # "cpu", "cuda" or "auto": the installed vLLM's platform decides; a mismatch is an error
     dtype: str = "auto"  # "auto": float32 on CPU (no native bf16 on AVX2), bfloat16 on GPU
     max_model_len: int = 2048
-    max_loras: int = 4
+    max_loras: int = 4  # adapters in one batch
+    max_cpu_loras: int = 16  # adapters kept loaded; scaled_<alpha> variants beyond that are evicted LRU
     seed: int = 0
     engine_options: dict = field(default_factory=dict)  # tensor_parallel_size, gpu_memory_utilization, ...
 
@@ -131,9 +133,15 @@ class SuperWeightEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         options = dict(self.config.engine_options)
+        if "lora_target_modules" in AsyncEngineArgs.__dataclass_fields__ and self.report.super_weights:
+            # LoRA only where the variants act: cheaper for base traffic, and it keeps the LM head unwrapped,
+            # whose CPU LoRA kernel fails on prompt logprobs when several requests share a step.
+            options.setdefault("lora_target_modules", sorted(
+                {w.module.removesuffix(".weight").rsplit(".", 1)[-1] for w in self.report.super_weights}))
         args = AsyncEngineArgs(
             model=str(self.config.checkpoint), dtype=self.dtype, max_model_len=self.config.max_model_len,
             enable_lora=bool(self.report.super_weights), max_loras=self.config.max_loras,
+            max_cpu_loras=max(self.config.max_cpu_loras, self.config.max_loras),
             max_lora_rank=vllm_max_lora_rank(adapter_rank(self.report)), seed=self.config.seed,
             disable_log_stats=False, **options)
         self._engine = AsyncLLM.from_engine_args(args)
@@ -142,6 +150,9 @@ class SuperWeightEngine:
             if self.cpu:
                 await self._add_variant(BASE, alpha=1.0, zero=True)
             await self._add_variant(REMOVED, alpha=0.0)
+            if len(self.report.super_weights) > 1:  # each one alone, too: they can act very differently
+                for i, w in enumerate(self.report.super_weights):
+                    await self._add_variant(f"{REMOVED_ONE}{i}", alpha=0.0, weights=[w])
 
     async def shutdown(self) -> None:
         """Safe to call twice."""
@@ -169,10 +180,10 @@ class SuperWeightEngine:
     def variants(self) -> list[str]:
         return [BASE] + [v for v in self._loras if v != BASE]
 
-    async def _add_variant(self, name: str, alpha: float, zero: bool = False) -> None:
+    async def _add_variant(self, name: str, alpha: float, zero: bool = False, weights=None) -> None:
         from vllm.lora.request import LoRARequest
 
-        path = write_adapter(self.report, self.adapter_dir / name, alpha=alpha, zero=zero,
+        path = write_adapter(self.report, self.adapter_dir / name, alpha=alpha, zero=zero, weights=weights,
                              base_model=str(self.config.checkpoint))
         request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(path))
         await self.engine.add_lora(request)

@@ -37,6 +37,9 @@ class Metrics:
                                      ("variant",))
         self.completion_tokens = counter("superweights_completion_tokens", "Tokens generated, by variant.",
                                          ("variant",))
+        self.engine_unfinished = Gauge("superweights_engine_unfinished_requests", "Requests the engine holds "
+                                       "that have not finished (0 when idle: aborted calls leave none).",
+                                       registry=registry)
         self.super_weights = Gauge("superweights_super_weights", "Confirmed super weights in the served model.",
                                    registry=registry)
         # quality: from every CompareGenerations

@@ -15,7 +15,8 @@ from compression.detect import SuperWeight
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
-from .engine import BASE, MAX_LOGPROBS, REMOVED, Chunk, EngineError, Sampling, SuperWeightEngine, UnknownVariantError
+from .engine import (BASE, MAX_LOGPROBS, REMOVED, Chunk, EngineError, Sampling, SuperWeightEngine, TokenChoice,
+                     UnknownVariantError)
 from .metrics import Metrics, variant_label
 from .quality import divergence, stop_word_ids, stop_word_mass
 
@@ -263,9 +264,13 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
                 reference = arms[0]
                 forced = await asyncio.gather(*(self.engine.forced_topk(ids, reference[1], v, MAX_LOGPROBS)
                                                 for v in variants[1:]))
+            # stop-word mass per arm on one shared context: the first arm's continuation (its own top-k for it,
+            # teacher-forced top-k for the others), so the arms are compared on the same text
+            contexts = [reference[2]] + [[TokenChoice(0, "", 0.0, tuple((t, "", lp) for t, lp in q.items()))
+                                          for q in topk] for topk in forced]
             response = pb.CompareResponse()
-            for variant, (text, token_ids, tokens, finish) in zip(variants, arms):
-                mass = stop_word_mass(tokens, self.stop_ids)
+            for variant, (text, token_ids, tokens, finish), context_tokens in zip(variants, arms, contexts):
+                mass = stop_word_mass(context_tokens, self.stop_ids)
                 self.metrics.stop_word_mass.labels(variant_label(variant)).observe(mass)
                 response.arms.append(pb.ArmResult(variant=variant, text=text, token_ids=token_ids,
                                                   tokens=tokens_to_proto(tokens), finish_reason=finish,
