@@ -55,7 +55,9 @@ class ServeConfig:
     prompt: str = DEFAULT_PROMPT
     detection: DetectionSettings = DetectionSettings()
     eval_text: Path | None = None
-    self_check_tolerance: float = 0.02  # relative; engine vs transformers perplexity on the report's text
+    # relative; engine against offline float32 perplexity on the report's text. None: 2% when serving float32,
+    # 10% in 16-bit (bfloat16 rounding alone moves a 135M model's perplexity by a few percent)
+    self_check_tolerance: float | None = None
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -138,9 +140,10 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig) -> dict[str
                                                        for v in variants))))
     offline = report.eval["baseline_perplexity"]
     drift = abs(served["base"] / offline - 1)
+    tolerance = config.self_check_tolerance or (0.02 if engine.dtype == "float32" else 0.10)
     log.info("self-check: base perplexity %.3f through the engine, %.3f offline (%.2f%%)", served["base"], offline,
              100 * drift)
-    if drift > config.self_check_tolerance:
+    if drift > tolerance:
         raise StartupError(f"the served model disagrees with its report: perplexity {served['base']:.3f} through "
                            f"the engine against {offline:.3f} offline ({100 * drift:.1f}% apart)")
     if report.super_weights:

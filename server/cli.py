@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent, max_queue=args.max_queue),
         auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         grace_seconds=args.grace, canary_interval=args.canary_interval, prompt=args.prompt,
+        self_check_tolerance=args.self_check_tolerance,
         detection=_detection_settings(args), eval_text=args.eval_text)
     asyncio.run(run(config))
     return 0
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
     p.add_argument("--canary-interval", type=float, default=60.0, help="seconds between canary runs; 0: off")
+    p.add_argument("--self-check-tolerance", type=float, help="allowed relative gap between the engine's and the "
+                   "offline perplexity at start-up (default: 0.02 in float32, 0.10 in 16-bit)")
     p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica")
     p.add_argument("--pipeline-parallel-size", type=int, help="vLLM: pipeline stages")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: fraction of GPU memory to use")

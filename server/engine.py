@@ -8,6 +8,7 @@ adapter applied (VLLM-NOTES.md), so there "base" is served through an all-zero a
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import math
@@ -145,7 +146,8 @@ class SuperWeightEngine:
             max_lora_rank=vllm_max_lora_rank(adapter_rank(self.report)), seed=self.config.seed,
             disable_log_stats=False, **options)
         self._engine = AsyncLLM.from_engine_args(args)
-        self._tokenizer = self._engine.get_tokenizer()
+        tokenizer = self._engine.get_tokenizer()  # a coroutine in older vLLM releases
+        self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         if self.report.super_weights:
             if self.cpu:
                 await self._add_variant(BASE, alpha=1.0, zero=True)

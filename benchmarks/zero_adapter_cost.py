@@ -1,0 +1,52 @@
+"""Where our CPU gap to `vllm serve` comes from: base traffic through the all-zero adapter (our workaround for
+the CPU LoRA slot bug) against base traffic without an adapter, in one engine, same requests, no server.
+
+    .venv/bin/python -m benchmarks.zero_adapter_cost   # 8 concurrent x 64 tokens; writes zero_adapter.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from compression.pipeline import detect
+from server.engine import BASE, EngineConfig, Sampling, SuperWeightEngine
+
+
+async def run(concurrency: int = 8, tokens: int = 64, rounds: int = 2) -> None:
+    checkpoint, report = detect(None, progress=False)
+    engine = SuperWeightEngine(EngineConfig(checkpoint=checkpoint.path), report)
+    await engine.start()
+    sampling = Sampling(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    prompt = engine.tokenize("The history of the whale fishery is long and")
+
+    async def one(lora) -> int:
+        n = 0
+        stream = engine.engine.generate(await engine._engine_input(prompt), engine._sampling_params(sampling),
+                                        f"r{time.perf_counter_ns()}-{id(lora)}-{n}", lora_request=lora)
+        async for out in stream:
+            n += len(out.outputs[0].token_ids)
+        return n
+
+    rates: dict[str, list[float]] = {}
+    try:
+        for label, lora in (("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine._lora(BASE)),
+                            ("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine._lora(BASE))):
+            await asyncio.gather(*(one(lora) for _ in range(2)))  # warm-up
+            t0 = time.perf_counter()
+            total = 0
+            for _ in range(rounds):
+                total += sum(await asyncio.gather(*(one(lora) for _ in range(concurrency))))
+            rate = total / (time.perf_counter() - t0)
+            rates.setdefault(label, []).append(rate)
+            print(f"{label}: {rate:.1f} tok/s ({concurrency} concurrent)", flush=True)
+    finally:
+        await engine.shutdown()
+    out = Path(__file__).resolve().parent / "zero_adapter.json"
+    out.write_text(json.dumps({"concurrency": concurrency, "tokens": tokens, "tokens_per_s": rates}, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(run())

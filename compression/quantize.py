@@ -1,0 +1,155 @@
+"""Round-to-nearest weight quantization with the super weights held out (simulated: quantize, then dequantize).
+
+    config = RTNConfig(bits=4, granularity="group", group_size=128, clip="search")
+    w_hat = quantize_tensor(w, config, protect=[(507, 1229)])      # w: [out, in]
+    quantize_model(model, config, report)                           # every Linear but the LM head, in place
+
+The math, per quantization group g (a tensor, an output row, g consecutive inputs of a row, or a block of N
+consecutive elements of the flattened matrix), protected entries excluded from every statistic:
+    t = clip threshold (absmax, or z-score mu + z*sigma, or a percentile of |w|, or the searched ratio of absmax)
+    scale = t / qmax, qmax = 2^(bits-1) - 1            # symmetric signed grid
+    w_hat = clamp(round(w / scale), -qmax - 1, qmax) * scale
+and the protected entries are restored exactly afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+Granularity = Literal["tensor", "channel", "group", "block"]
+Clip = Literal["none", "zscore", "percentile", "search"]
+SEARCH_RATIOS = torch.linspace(0.5, 1.0, 11)
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    bits: int = 8
+    granularity: Granularity = "channel"
+    group_size: int = 128  # "group": consecutive inputs of one output row
+    block_size: int = 4096  # "block": consecutive elements of the flattened matrix (the paper's large blocks)
+    clip: Clip = "none"
+    clip_value: float = 0.0  # z for "zscore" (e.g. 3.0), percent for "percentile" (e.g. 99.9)
+    protect: bool = True  # hold the report's super weights out and restore them exactly
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UserError(f"bits must be 4 or 8, got {self.bits}")
+        if self.granularity not in ("tensor", "channel", "group", "block"):
+            raise UserError(f"granularity must be tensor, channel, group or block, got {self.granularity!r}")
+        if self.group_size < 2 or self.block_size < 2:
+            raise UserError("group_size and block_size must be >= 2")
+        if self.clip == "zscore" and self.clip_value <= 0:
+            raise UserError("clip='zscore' needs clip_value > 0 (the z threshold, e.g. 3)")
+        if self.clip == "percentile" and not 0 < self.clip_value <= 100:
+            raise UserError("clip='percentile' needs 0 < clip_value <= 100 (e.g. 99.9)")
+        if self.clip not in ("none", "zscore", "percentile", "search"):
+            raise UserError(f"clip must be none, zscore, percentile or search, got {self.clip!r}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def name(self) -> str:
+        size = {"group": f"{self.group_size}", "block": f"{self.block_size}"}.get(self.granularity, "")
+        clip = "" if self.clip == "none" else f"-clip:{self.clip}{self.clip_value or ''}"
+        return f"int{self.bits}-{self.granularity}{size}{clip}{'-protected' if self.protect else ''}"
+
+
+def _groups(w: torch.Tensor, config: RTNConfig) -> tuple[torch.Tensor, int]:
+    """[G, n] view of w's elements per quantization group, and how many padding elements were added."""
+    out_features, in_features = w.shape
+    if config.granularity == "tensor":
+        return w.reshape(1, -1), 0
+    if config.granularity == "channel":
+        return w, 0
+    if config.granularity == "group":
+        if in_features % config.group_size:
+            raise UserError(f"in_features={in_features} is not a multiple of group_size={config.group_size}")
+        return w.reshape(-1, config.group_size), 0
+    flat = w.reshape(-1)
+    pad = (-flat.numel()) % config.block_size
+    return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, config.block_size), pad
+
+
+def _fake_quant(x: torch.Tensor, threshold: torch.Tensor, qmax: int) -> torch.Tensor:
+    # x: [G, n], threshold: [G, 1]
+    scale = (threshold / qmax).clamp_min(1e-12)
+    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
+
+
+def clip_threshold(x: torch.Tensor, keep: torch.Tensor, config: RTNConfig) -> torch.Tensor:
+    """Per-group clip threshold over the kept (unprotected) entries. x, keep: [G, n] -> [G, 1]."""
+    a = x.abs() * keep
+    absmax = a.amax(dim=1, keepdim=True)
+    if config.clip == "none":
+        return absmax
+    if config.clip == "zscore":
+        count = keep.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = (x * keep).sum(dim=1, keepdim=True) / count
+        std = (((x - mean) * keep) ** 2).sum(dim=1, keepdim=True).div(count).sqrt()
+        return torch.minimum(absmax, mean.abs() + config.clip_value * std)
+    if config.clip == "percentile":
+        masked = torch.where(keep.bool(), a, torch.full_like(a, float("nan")))
+        return torch.nanquantile(masked, config.clip_value / 100, dim=1, keepdim=True)
+    # search: per group, the ratio of absmax whose quantization error on the kept entries is smallest
+    best_err = torch.full_like(absmax, float("inf"))
+    best = absmax.clone()
+    for ratio in SEARCH_RATIOS.tolist():
+        t = absmax * ratio
+        err = (((_fake_quant(x.clamp(-t, t), t, config.qmax) - x) * keep) ** 2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, t, best)
+    return best
+
+
+@torch.no_grad()
+def quantize_tensor(w: torch.Tensor, config: RTNConfig, protect: list[tuple[int, int]] = ()) -> torch.Tensor:
+    """Quantize-dequantize one weight matrix [out, in]; protected (row, col) entries come back exactly."""
+    w32 = w.detach().float()
+    keep_matrix = torch.ones_like(w32)
+    for row, col in protect if config.protect else ():
+        keep_matrix[row, col] = 0.0
+    x, pad = _groups(w32, config)
+    keep, _ = _groups(keep_matrix, config)
+    if pad:
+        keep[-1, keep.shape[1] - pad:] = 0.0
+    t = clip_threshold(x, keep, config)
+    q = _fake_quant(x.clamp(-t, t), t, config.qmax)
+    q = q.reshape(-1)[: w32.numel()].reshape(w32.shape)
+    for row, col in protect if config.protect else ():
+        q[row, col] = w32[row, col]  # restored exactly
+    return q.to(w.dtype)
+
+
+def quantize_model(model: nn.Module, config: RTNConfig, protect: dict[str, list[tuple[int, int]]] | None = None,
+                   ignore: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Quantize every nn.Linear weight in place except those whose name contains an `ignore` entry.
+
+    Args:
+        protect: parameter name ("model.layers.11.mlp.down_proj.weight") -> [(row, col)] held out and restored.
+    Returns:
+        the names of the quantized modules.
+    """
+    protect = protect or {}
+    done = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(part in name for part in ignore):
+            continue
+        module.weight.data = quantize_tensor(module.weight, config, protect.get(f"{name}.weight", []))
+        done.append(name)
+    return done
+
+
+def protected_entries(report) -> dict[str, list[tuple[int, int]]]:
+    """The report's super weights as quantize_model's `protect` argument."""
+    entries: dict[str, list[tuple[int, int]]] = {}
+    for w in report.super_weights:
+        entries.setdefault(w.module, []).append((w.row, w.col))
+    return entries
