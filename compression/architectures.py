@@ -8,13 +8,13 @@ Conv1D, whose weight is stored transposed as [in, out]), `mlp.dense_4h_to_h` (GP
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

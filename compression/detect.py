@@ -1,7 +1,8 @@
 """Data-free super-weight detection (Yu et al., "The Super Weight in Large Language Models"), with verification.
 
 1. One prompt, hooks on every MLP down-projection. A layer whose max |output| spikes far above its median |output|
-   (a massive activation) gives the row (the spiking output channel); the column is the input channel that contributes most to that
+   (a massive activation) gives the row (the spiking output channel); the column is the input channel that
+   contributes most to that
    output, `argmax_c |x[t, c] * W[row, c]|`, which is the input spike. Zero that weight, run again, repeat until no
    layer spikes.
 2. Verification: each candidate's effect on the perplexity of an evaluation text, alone and on top of the
@@ -15,7 +16,7 @@ import contextlib
 import datetime as dt
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -113,6 +114,9 @@ class DetectionSettings:
 
     spike_ratio: float = 100.0  # a layer spikes when its max |output| is this many times its median |output|
     max_candidates: int = 8
+    # stop once the largest spike left is below this fraction of the first one: a super weight's partner is of the
+    # same order (SmolLM2's second: 27% of the first), the noise left after removal is not (7% and below there)
+    min_spike_fraction: float = 0.1
     min_effect: float = 2.0  # confirmed when removal multiplies eval perplexity by at least this much
     eval_tokens: int = 1024  # tokens of the evaluation text used for verification
     window: int = 512
@@ -120,6 +124,8 @@ class DetectionSettings:
     def __post_init__(self) -> None:
         if self.spike_ratio <= 1 or self.min_effect <= 1:
             raise UserError("spike_ratio and min_effect must be > 1")
+        if not 0 <= self.min_spike_fraction < 1:
+            raise UserError("min_spike_fraction must be in [0, 1)")
         if self.max_candidates < 1 or self.eval_tokens < 16 or self.window < 2:
             raise UserError("max_candidates >= 1, eval_tokens >= 16 and window >= 2 are required")
 
@@ -179,6 +185,8 @@ def _spike_candidates(model: nn.Module, projections: list[DownProjection], promp
             if not spiking:
                 break
             top = max(spiking, key=lambda s: s.max_abs_output)
+            if candidates and top.max_abs_output < settings.min_spike_fraction * candidates[0].output_magnitude:
+                break
             proj = by_name[top.module]
             x = inputs[proj.name][top.token_position]  # [in]
             contrib = (x * proj.weight_matrix()[top.output_channel].detach().float()).abs()  # [in]

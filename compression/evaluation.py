@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "moby_dick_ch1-3.txt"
 

@@ -6,8 +6,6 @@ GGUF files (the default model included) are converted once into a cache keyed by
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import hashlib
 import json
 import logging
@@ -19,6 +17,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 

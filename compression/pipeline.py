@@ -15,7 +15,7 @@ from .evaluation import load_eval_text
 from .models import Checkpoint, cache_dir, load_model, resolve_checkpoint
 
 log = logging.getLogger(__name__)
-DETECTOR_REVISION = 2  # bump when detection or the report's content changes: cached reports are then recomputed
+DETECTOR_REVISION = 3  # bump when detection or the report's content changes: cached reports are then recomputed
 
 
 def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None) -> str:
@@ -25,7 +25,8 @@ def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings
         eval_bytes = Path(eval_path or DEFAULT_EVAL_TEXT).read_bytes()
     except OSError as e:
         raise EvalTextError(f"cannot read evaluation text {eval_path}: {e.strerror}") from e
-    material = json.dumps({"detector": DETECTOR_REVISION, "model": checkpoint.sha256, "prompt": prompt, "settings": asdict(settings),
+    material = json.dumps({"detector": DETECTOR_REVISION, "model": checkpoint.sha256, "prompt": prompt,
+                           "settings": asdict(settings),
                            "eval": hashlib.sha256(eval_bytes).hexdigest()}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 

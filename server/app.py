@@ -133,10 +133,10 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig) -> dict[str
     """The served weights against the report: through the engine, base perplexity on the report's evaluation
     tokens must match the offline baseline, and removing the super weights must cost what the report says."""
     report = engine.report
-    tokenizer_ids = load_eval_text(engine._tokenizer, config.eval_text).ids[: report.eval["tokens"]].tolist()
+    eval_ids = load_eval_text(engine.tokenizer, config.eval_text).ids[: report.eval["tokens"]].tolist()
     window = report.eval["window"]
     variants = engine.variants if report.super_weights else ["base"]
-    served = dict(zip(variants, await asyncio.gather(*(engine.perplexity(tokenizer_ids, v, window)
+    served = dict(zip(variants, await asyncio.gather(*(engine.perplexity(eval_ids, v, window)
                                                        for v in variants))))
     offline = report.eval["baseline_perplexity"]
     drift = abs(served["base"] / offline - 1)
@@ -202,7 +202,7 @@ class Server:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.port = bind(self.grpc, config)
         await self.grpc.start()
-        probe = load_eval_text(self.engine._tokenizer, config.eval_text).ids[: config.detection.window].tolist()
+        probe = load_eval_text(self.engine.tokenizer, config.eval_text).ids[: config.detection.window].tolist()
         self.canary = Canary(self.engine, self.metrics, probe, interval=config.canary_interval,
                              window=config.detection.window)
         for variant, value in served.items():

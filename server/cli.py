@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from compression.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport
-
 from compression.errors import UserError
 
 
 def _detection_settings(args: argparse.Namespace) -> DetectionSettings:
     return DetectionSettings(spike_ratio=args.spike_ratio, min_effect=args.min_effect,
-                             eval_tokens=args.eval_tokens, max_candidates=args.max_candidates)
+                             eval_tokens=args.eval_tokens, max_candidates=args.max_candidates,
+                             min_spike_fraction=args.min_spike_fraction)
 
 
 def add_detection_options(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_detection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-effect", type=float, default=d.min_effect,
                    help="confirm when removal multiplies perplexity by this much (%(default)s)")
     p.add_argument("--max-candidates", type=int, default=d.max_candidates, help="(%(default)s)")
+    p.add_argument("--min-spike-fraction", type=float, default=d.min_spike_fraction,
+                   help="stop when the largest spike left is below this fraction of the first (%(default)s)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached report matches")
 
 
@@ -43,7 +46,8 @@ def print_report(report: SuperWeightReport) -> None:
     if not report.super_weights:
         console.print("[yellow]no super weights found[/yellow]: no candidate's removal changed perplexity by "
                       f"{report.settings['min_effect']}x or more")
-    for title, weights in (("super weights", report.super_weights), ("rejected candidates", report.rejected_candidates)):
+    sections = (("super weights", report.super_weights), ("rejected candidates", report.rejected_candidates))
+    for title, weights in sections:
         if not weights:
             continue
         table = Table(title=title)
@@ -144,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        report = SuperWeightReport.from_dict(__import__("json").loads(client.super_weights().report_json))
+        report = SuperWeightReport.from_dict(json.loads(client.super_weights().report_json))
     if args.json:
         print(report.to_json())
     else:
@@ -165,7 +169,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     divergence = {d.variant: d for d in response.divergence}
     for arm in response.arms:
         d = divergence.get(arm.variant)
-        table.add_row(arm.variant, arm.text, f"{arm.stop_word_mass:.3f}", "-" if d is None else str(d.first_differing_token),
+        table.add_row(arm.variant, arm.text, f"{arm.stop_word_mass:.3f}",
+                      "-" if d is None else str(d.first_differing_token),
                       "-" if d is None else f"{d.top1_agreement:.2f}", "-" if d is None else f"{d.mean_kl_topk:.3f}")
     Console().print(table)
     return 0

@@ -212,6 +212,10 @@ class SuperWeightEngine:
         self._lora(variant)
 
     # -- tokens -----------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         if chat:
             return list(self._tokenizer.apply_chat_template([{"role": "user", "content": text}],

@@ -15,8 +15,17 @@ from compression.detect import SuperWeight
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
-from .engine import (BASE, MAX_LOGPROBS, REMOVED, Chunk, EngineError, Sampling, SuperWeightEngine, TokenChoice,
-                     UnknownVariantError)
+from .engine import (
+    BASE,
+    MAX_LOGPROBS,
+    REMOVED,
+    Chunk,
+    EngineError,
+    Sampling,
+    SuperWeightEngine,
+    TokenChoice,
+    UnknownVariantError,
+)
 from .metrics import Metrics, variant_label
 from .quality import divergence, stop_word_ids, stop_word_mass
 

@@ -2,8 +2,18 @@
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+)
 
 from compression.architectures import NoDownProjectionError, find_down_projections
 

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from compression.architectures import find_down_projections
-from compression.detect import SuperWeight, _largest_other_weights, zeroed
+from compression.detect import _largest_other_weights, zeroed
 from compression.evaluation import load_eval_text, perplexity
 from compression.models import load_model
 from tests.conftest import run_cli

@@ -1,10 +1,12 @@
 """Detection on tiny real models with one planted super weight: found exactly, nothing else reported."""
 
+import json
+
 import pytest
 import torch
 
-from compression.detect import DetectionSettings, SuperWeightReport, find_super_weights, zeroed
 from compression.architectures import find_down_projections
+from compression.detect import DetectionSettings, SuperWeightReport, find_super_weights, zeroed
 from tests.tiny_models import ByteTokenizer, planted_gpt2, planted_llama, sampled_text
 
 SETTINGS = DetectionSettings(eval_tokens=512, window=128)
@@ -43,7 +45,7 @@ def test_no_super_weight_reports_none_found():
 def test_report_json_round_trip():
     model = planted_llama()
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
-    again = SuperWeightReport.from_dict(__import__("json").loads(report.to_json()))
+    again = SuperWeightReport.from_dict(json.loads(report.to_json()))
     assert again == report
 
 

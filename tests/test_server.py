@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from superweights.v1 import superweights_pb2 as pb
+from superweights.v1 import superweights_pb2_grpc as pb_grpc
 from tests.conftest import TOKEN, run_cli
 
 pytestmark = pytest.mark.slow
@@ -222,7 +224,7 @@ def test_auth_off_and_tls(servers):
     with tls.client(token=None) as c:
         assert "Paris" in c.generate("The capital of France is", max_tokens=4, **GREEDY)["text"]
     with grpc.insecure_channel(f"127.0.0.1:{tls.port}") as channel:
-        stub = __import__("superweights.v1.superweights_pb2_grpc", fromlist=["x"]).SuperWeightServiceStub(channel)
+        stub = pb_grpc.SuperWeightServiceStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # a plaintext client cannot talk to a TLS port
@@ -268,7 +270,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(servers):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    tls.process.send_signal(__import__("signal").SIGTERM)
+    tls.process.send_signal(signal.SIGTERM)
     time.sleep(1.0)
     with pytest.raises(grpc.RpcError):
         tls.client(token=None, timeout=5).generate("hi", max_tokens=2)
@@ -282,6 +284,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(servers):
 def test_reflection_client_calls_every_rpc(auth):
     """A client that knows nothing but what server reflection tells it calls each RPC of the service."""
     from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf.json_format import ParseDict
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     with grpc.insecure_channel(auth.target) as channel:
@@ -291,8 +294,6 @@ def test_reflection_client_calls_every_rpc(auth):
                     "GetSuperWeights": {}, "GetModelInfo": {},
                     "CompareGenerations": {"text": "The capital of France is", "sampling": {"max_tokens": 3}}}
         assert {m.name for m in service.methods} == set(requests)
-        from google.protobuf.json_format import ParseDict
-
         for method in service.methods:
             request_cls = message_factory.GetMessageClass(method.input_type)
             response_cls = message_factory.GetMessageClass(method.output_type)
