@@ -129,11 +129,11 @@ def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> di
             "max_tokens_limit": config.limits.max_tokens}
 
 
-async def self_check(engine: SuperWeightEngine, config: ServeConfig) -> dict[str, float]:
+async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: list[int]) -> dict[str, float]:
     """The served weights against the report: through the engine, base perplexity on the report's evaluation
     tokens must match the offline baseline, and removing the super weights must cost what the report says."""
     report = engine.report
-    eval_ids = load_eval_text(engine.tokenizer, config.eval_text).ids[: report.eval["tokens"]].tolist()
+    eval_ids = eval_ids[: report.eval["tokens"]]
     window = report.eval["window"]
     variants = engine.variants if report.super_weights else ["base"]
     served = dict(zip(variants, await asyncio.gather(*(engine.perplexity(eval_ids, v, window)
@@ -189,7 +189,8 @@ class Server:
             _, self.metrics_port = _start_metrics(config.host, config.metrics_port, self.registry)
         try:
             await self.engine.start()
-            served = await self_check(self.engine, config)
+            eval_ids = load_eval_text(self.engine.tokenizer, config.eval_text).ids.tolist()
+            served = await self_check(self.engine, config, eval_ids)
         except BaseException:
             await self.engine.shutdown()
             raise
@@ -202,8 +203,7 @@ class Server:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         self.port = bind(self.grpc, config)
         await self.grpc.start()
-        probe = load_eval_text(self.engine.tokenizer, config.eval_text).ids[: config.detection.window].tolist()
-        self.canary = Canary(self.engine, self.metrics, probe, interval=config.canary_interval,
+        self.canary = Canary(self.engine, self.metrics, eval_ids[: config.detection.window], interval=config.canary_interval,
                              window=config.detection.window)
         for variant, value in served.items():
             self.metrics.canary_perplexity.labels(variant).set(value)

@@ -27,11 +27,16 @@ def stop_word_ids(tokenize) -> frozenset[int]:
     return frozenset(ids)
 
 
-def stop_word_mass(tokens: list[TokenChoice], stop_ids: frozenset[int]) -> float:
-    """Mean over generated positions of the probability on stop words among the returned top-k."""
-    if not tokens:
+def topk(choice: TokenChoice) -> dict[int, float]:
+    """A generated token's top-k alternatives as {token_id: logprob}."""
+    return {tid: lp for tid, _, lp in choice.top}
+
+
+def stop_word_mass(positions: list[dict[int, float]], stop_ids: frozenset[int]) -> float:
+    """Mean over positions of the probability on stop words among each position's top-k {token_id: logprob}."""
+    if not positions:
         return 0.0
-    per_position = [sum(math.exp(lp) for tid, _, lp in t.top if tid in stop_ids) for t in tokens]
+    per_position = [sum(math.exp(lp) for tid, lp in p.items() if tid in stop_ids) for p in positions]
     return sum(per_position) / len(per_position)
 
 
@@ -71,7 +76,7 @@ def divergence(reference: list[TokenChoice], forced: list[dict[int, float]], ref
         return DivergenceResult(first_difference(ref_ids, arm_ids), 1.0, 0.0)
     agree = kls = 0.0
     for ref, q in zip(reference[:n], forced[:n]):
-        p = {tid: lp for tid, _, lp in ref.top}
+        p = topk(ref)
         agree += max(p, key=p.get) == max(q, key=q.get)
         kls += kl_topk(p, q)
     return DivergenceResult(first_difference(ref_ids, arm_ids), agree / n, kls / n)

@@ -23,11 +23,10 @@ from .engine import (
     EngineError,
     Sampling,
     SuperWeightEngine,
-    TokenChoice,
     UnknownVariantError,
 )
 from .metrics import Metrics, variant_label
-from .quality import divergence, stop_word_ids, stop_word_mass
+from .quality import divergence, stop_word_ids, stop_word_mass, topk
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +274,7 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
                                                 for v in variants[1:]))
             # stop-word mass per arm on one shared context: the first arm's continuation (its own top-k for it,
             # teacher-forced top-k for the others), so the arms are compared on the same text
-            contexts = [reference[2]] + [[TokenChoice(0, "", 0.0, tuple((t, "", lp) for t, lp in q.items()))
-                                          for q in topk] for topk in forced]
+            contexts = [[topk(t) for t in reference[2]]] + list(forced)
             response = pb.CompareResponse()
             for variant, (text, token_ids, tokens, finish), context_tokens in zip(variants, arms, contexts):
                 mass = stop_word_mass(context_tokens, self.stop_ids)
@@ -284,8 +282,8 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
                 response.arms.append(pb.ArmResult(variant=variant, text=text, token_ids=token_ids,
                                                   tokens=tokens_to_proto(tokens), finish_reason=finish,
                                                   stop_word_mass=mass))
-            for variant, arm, topk in zip(variants[1:], arms[1:], forced):
-                d = divergence(reference[2], topk, reference[1], arm[1])
+            for variant, arm, forced_topk in zip(variants[1:], arms[1:], forced):
+                d = divergence(reference[2], forced_topk, reference[1], arm[1])
                 label = variant_label(variant)
                 self.metrics.compare_first_difference.labels(label).observe(
                     len(reference[1]) if d.first_differing_token < 0 else d.first_differing_token)
