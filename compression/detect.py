@@ -16,9 +16,9 @@ import contextlib
 import datetime as dt
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -93,7 +93,7 @@ class SuperWeightReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SuperWeightReport":
+    def from_dict(cls, d: dict) -> SuperWeightReport:
         if d.get("schema") != REPORT_SCHEMA:
             raise ValueError(f"not a {REPORT_SCHEMA} report (schema={d.get('schema')!r})")
         return cls(
@@ -104,7 +104,7 @@ class SuperWeightReport:
             layer_stats=[LayerStats(**s) for s in d["layer_stats"]], settings=d["settings"])
 
     @classmethod
-    def load(cls, path: Path) -> "SuperWeightReport":
+    def load(cls, path: Path) -> SuperWeightReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -1,19 +1,27 @@
-"""Round-to-nearest weight quantization with the super weights held out (simulated: quantize, then dequantize).
+"""Round-to-nearest quantization with the super weights and the super activation held out (simulated:
+quantize, then dequantize).
 
     config = RTNConfig(bits=4, granularity="group", group_size=128, clip="search")
     w_hat = quantize_tensor(w, config, protect=[(507, 1229)])      # w: [out, in]
-    quantize_model(model, config, report)                           # every Linear but the LM head, in place
+    quantize_model(model, config, protect)                          # every Linear but the LM head, in place
+    with quantize_activations(model, ActivationConfig("int8", "token"), held_out={"...down_proj": [1229]}):
+        model(ids)                                                  # every Linear's input quantized on the fly
 
 The math, per quantization group g (a tensor, an output row, g consecutive inputs of a row, or a block of N
 consecutive elements of the flattened matrix), protected entries excluded from every statistic:
     t = clip threshold (absmax, or z-score mu + z*sigma, or a percentile of |w|, or the searched ratio of absmax)
     scale = t / qmax, qmax = 2^(bits-1) - 1            # symmetric signed grid
     w_hat = clamp(round(w / scale), -qmax - 1, qmax) * scale
-and the protected entries are restored exactly afterwards.
+and the protected entries are restored exactly afterwards. FP8 (e4m3) uses the same scales with qmax = 448 and
+rounds by casting to float8_e4m3fn.
+
+Activations, per token (a row of x: [T, D]) or per tensor, held-out channels excluded:
+    scale = absmax(x[:, kept]) / qmax;  x_hat[:, kept] = q(x[:, kept] / scale) * scale;  x_hat[:, held] = x[:, held]
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +32,9 @@ from .errors import UserError
 
 Granularity = Literal["tensor", "channel", "group", "block"]
 Clip = Literal["none", "zscore", "percentile", "search"]
+Format = Literal["int", "fp8"]
 SEARCH_RATIOS = torch.linspace(0.5, 1.0, 11)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,13 @@ class RTNConfig:
     clip: Clip = "none"
     clip_value: float = 0.0  # z for "zscore" (e.g. 3.0), percent for "percentile" (e.g. 99.9)
     protect: bool = True  # hold the report's super weights out and restore them exactly
+    fmt: Format = "int"  # "fp8": float8 e4m3 values (bits must be 8)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise UserError(f"bits must be 4 or 8, got {self.bits}")
+        if self.fmt not in ("int", "fp8") or (self.fmt == "fp8" and self.bits != 8):
+            raise UserError(f"fmt must be 'int' or 'fp8' (8 bits), got fmt={self.fmt!r} bits={self.bits}")
         if self.granularity not in ("tensor", "channel", "group", "block"):
             raise UserError(f"granularity must be tensor, channel, group or block, got {self.granularity!r}")
         if self.group_size < 2 or self.block_size < 2:
@@ -52,14 +65,15 @@ class RTNConfig:
             raise UserError(f"clip must be none, zscore, percentile or search, got {self.clip!r}")
 
     @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+    def qmax(self) -> float:
+        return FP8_MAX if self.fmt == "fp8" else 2 ** (self.bits - 1) - 1
 
     @property
     def name(self) -> str:
         size = {"group": f"{self.group_size}", "block": f"{self.block_size}"}.get(self.granularity, "")
         clip = "" if self.clip == "none" else f"-clip:{self.clip}{self.clip_value or ''}"
-        return f"int{self.bits}-{self.granularity}{size}{clip}{'-protected' if self.protect else ''}"
+        kind = "fp8" if self.fmt == "fp8" else f"int{self.bits}"
+        return f"{kind}-{self.granularity}{size}{clip}{'-protected' if self.protect else ''}"
 
 
 def _groups(w: torch.Tensor, config: RTNConfig) -> tuple[torch.Tensor, int]:
@@ -78,9 +92,11 @@ def _groups(w: torch.Tensor, config: RTNConfig) -> tuple[torch.Tensor, int]:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, config.block_size), pad
 
 
-def _fake_quant(x: torch.Tensor, threshold: torch.Tensor, qmax: int) -> torch.Tensor:
-    # x: [G, n], threshold: [G, 1]
+def _fake_quant(x: torch.Tensor, threshold: torch.Tensor, qmax: float) -> torch.Tensor:
+    # x: [G, n], threshold: [G, 1]; the integer grid is [-qmax - 1, qmax], FP8 is symmetric
     scale = (threshold / qmax).clamp_min(1e-12)
+    if qmax == FP8_MAX:
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
     return (x / scale).round().clamp(-qmax - 1, qmax) * scale
 
 
@@ -109,6 +125,16 @@ def clip_threshold(x: torch.Tensor, keep: torch.Tensor, config: RTNConfig) -> to
     return best
 
 
+def group_thresholds(w: torch.Tensor, config: RTNConfig, keep_matrix: torch.Tensor) -> torch.Tensor:
+    """Per-group clip thresholds [G, 1] of w [out, in] over the entries where keep_matrix is 1; the scale of a
+    group is threshold / qmax (compression.artifact writes exactly these scales)."""
+    x, pad = _groups(w, config)
+    keep, _ = _groups(keep_matrix, config)
+    if pad:
+        keep[-1, keep.shape[1] - pad:] = 0.0
+    return clip_threshold(x, keep, config)
+
+
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, config: RTNConfig, protect: list[tuple[int, int]] = ()) -> torch.Tensor:
     """Quantize-dequantize one weight matrix [out, in]; protected (row, col) entries come back exactly."""
@@ -116,11 +142,8 @@ def quantize_tensor(w: torch.Tensor, config: RTNConfig, protect: list[tuple[int,
     keep_matrix = torch.ones_like(w32)
     for row, col in protect if config.protect else ():
         keep_matrix[row, col] = 0.0
-    x, pad = _groups(w32, config)
-    keep, _ = _groups(keep_matrix, config)
-    if pad:
-        keep[-1, keep.shape[1] - pad:] = 0.0
-    t = clip_threshold(x, keep, config)
+    t = group_thresholds(w32, config, keep_matrix)
+    x, _ = _groups(w32, config)
     q = _fake_quant(x.clamp(-t, t), t, config.qmax)
     q = q.reshape(-1)[: w32.numel()].reshape(w32.shape)
     for row, col in protect if config.protect else ():
@@ -153,3 +176,79 @@ def protected_entries(report) -> dict[str, list[tuple[int, int]]]:
     for w in report.super_weights:
         entries.setdefault(w.module, []).append((w.row, w.col))
     return entries
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Dynamic activation quantization of every quantized Linear's input (the "A8" of W8A8)."""
+
+    fmt: Literal["int8", "fp8"] = "int8"
+    granularity: Literal["token", "tensor"] = "token"
+    protect: bool = True  # hold the super activation's channels out of the scale and pass them through exactly
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("int8", "fp8"):
+            raise UserError(f"activation fmt must be int8 or fp8, got {self.fmt!r}")
+        if self.granularity not in ("token", "tensor"):
+            raise UserError(f"activation granularity must be token or tensor, got {self.granularity!r}")
+
+    @property
+    def qmax(self) -> float:
+        return FP8_MAX if self.fmt == "fp8" else 127.0
+
+    @property
+    def name(self) -> str:
+        return f"a{self.fmt}-{self.granularity}{'-protected' if self.protect else ''}"
+
+
+def quantize_activation(x: torch.Tensor, config: ActivationConfig, held_out: list[int] = ()) -> torch.Tensor:
+    """Quantize-dequantize x [..., D] per token (last dim) or per tensor; `held_out` channels pass exactly."""
+    x32 = x.float()
+    held = torch.tensor(list(held_out) if config.protect else [], dtype=torch.long, device=x.device)
+    kept = x32.index_fill(-1, held, 0.0) if held.numel() else x32  # held-out channels excluded from the scale
+    if config.granularity == "token":
+        threshold = kept.abs().amax(dim=-1, keepdim=True)
+    else:
+        threshold = kept.abs().amax().reshape(*([1] * x.dim()))
+    flat = kept.reshape(-1, x.shape[-1])
+    out = _fake_quant(flat, threshold.expand(*kept.shape[:-1], 1).reshape(-1, 1), config.qmax).reshape(x.shape)
+    if held.numel():
+        out = out.index_copy(-1, held, x32.index_select(-1, held))  # the super activation, exactly
+    return out.to(x.dtype)
+
+
+@contextmanager
+def quantize_activations(model: nn.Module, config: ActivationConfig, modules: list[str],
+                         held_out: dict[str, list[int]] | None = None):
+    """Within the block, the inputs of the named Linear modules are quantized on the fly.
+
+    Args:
+        modules: module names whose inputs are quantized (quantize_model's return value).
+        held_out: module name -> input channels that carry a super activation (kept exact when config.protect).
+    """
+    held_out = held_out or {}
+    by_name = dict(model.named_modules())
+    hooks = []
+
+    def hook_for(name: str):
+        def pre_hook(module, args):
+            return (quantize_activation(args[0], config, held_out.get(name, ())),) + tuple(args[1:])
+        return pre_hook
+
+    try:
+        for name in modules:
+            hooks.append(by_name[name].register_forward_pre_hook(hook_for(name)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def held_out_channels(report) -> dict[str, list[int]]:
+    """Module name -> the input channels of its super weights: where the super activation enters."""
+    channels: dict[str, list[int]] = {}
+    for w in report.super_weights:
+        cols = channels.setdefault(w.module.removesuffix(".weight"), [])
+        if w.col not in cols:
+            cols.append(w.col)
+    return channels

@@ -120,13 +120,46 @@ def bind(server: grpc.aio.Server, config: ServeConfig) -> int:
     return port
 
 
+def resolve_model(config: ServeConfig):
+    """(checkpoint, report) to serve: a `superweights compress` artifact, verified against its manifest and
+    held to its own offline evaluation, or any other source with its (cached) detection report."""
+    from compression.artifact import artifact_checkpoint, is_artifact, open_artifact, served_report
+    from compression.pipeline import detect
+
+    if is_artifact(config.model):
+        artifact = open_artifact(config.model)
+        return artifact_checkpoint(artifact), served_report(artifact)
+    return detect(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
+
+
 def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> dict:
     hf_config = json.loads((Path(checkpoint.path) / "config.json").read_text())
-    quant = hf_config.get("quantization_config", {}).get("quant_method", "none")
+    quant_config = hf_config.get("quantization_config", {})
+    quant = quant_config.get("quant_method", "none")
+    if "superweights" in quant_config:
+        quant = f"{quant_config['superweights']['scheme']} ({quant_config.get('format')}, super weights protected " \
+                f"by the superweights vLLM plugin)" if quant_config["superweights"]["protected_columns"] else \
+                f"{quant_config['superweights']['scheme']} ({quant_config.get('format')}, unprotected)"
     return {"model_name": checkpoint.name, "model_sha256": checkpoint.sha256, "checkpoint": Path(checkpoint.path).name,
             "dtype": engine.dtype, "quantization": quant, "engine": installed_engine(),
             "device": "cpu" if engine.cpu else "cuda", "max_model_len": config.max_model_len,
             "max_tokens_limit": config.limits.max_tokens}
+
+
+async def check_served_super_weights(engine: SuperWeightEngine) -> list[float] | None:
+    """Every reported super weight, as the engine computes with it, equals the report's value (relative 1e-4 in
+    float32; 16-bit outputs round at 2^-8, so 1% there)."""
+    values = await engine.served_super_weights()
+    if values is None:
+        log.info("self-check: super weights split across workers; not probed")
+        return None
+    tolerance = 1e-4 if engine.dtype == "float32" else 1e-2
+    for w, served in zip(engine.report.super_weights, values):
+        log.info("self-check: %s[%d, %d] served %+.6f, report %+.6f", w.module, w.row, w.col, served, w.value)
+        if abs(served - w.value) > tolerance * abs(w.value):
+            raise StartupError(f"the engine computes {w.module}[{w.row}, {w.col}] as {served:+.6f}, the report says "
+                               f"{w.value:+.6f}: the served weights do not hold this super weight")
+    return values
 
 
 async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: list[int]) -> dict[str, float]:
@@ -147,6 +180,7 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: l
         raise StartupError(f"the served model disagrees with its report: perplexity {served['base']:.3f} through "
                            f"the engine against {offline:.3f} offline ({100 * drift:.1f}% apart)")
     if report.super_weights:
+        await check_served_super_weights(engine)
         ratio = served[REMOVED] / served["base"]
         log.info("self-check: without super weights perplexity x%.1f (report: x%.1f)", ratio,
                  report.eval["removed_perplexity"] / offline)
@@ -173,12 +207,9 @@ class Server:
         self._stopped = asyncio.Event()
         self._stopping = False
 
-    async def start(self) -> "Server":
-        from compression.pipeline import detect
-
+    async def start(self) -> Server:
         config = self.config
-        checkpoint, report = await asyncio.to_thread(
-            detect, config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
+        checkpoint, report = await asyncio.to_thread(resolve_model, config)
         self.metrics.super_weights.set(len(report.super_weights))
         self.metrics.engine_unfinished.set_function(
             lambda: self.engine.num_unfinished_requests() if self.engine is not None else 0)

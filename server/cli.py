@@ -88,6 +88,70 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip(value: str) -> tuple[str, float]:
+    """"none", "search", "zscore:3", "percentile:99.9" -> (rule, value)."""
+    rule, _, number = value.partition(":")
+    try:
+        return rule, float(number) if number else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad clip {value!r}: use none, search, zscore:Z or percentile:P") from None
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from compression.artifact import ARTIFACT_EVAL_TOKENS, compress
+    from compression.pipeline import detect
+    from compression.schemes import get_scheme
+
+    scheme = get_scheme(args.scheme)
+    clip, clip_value = args.clip if args.clip else (scheme.weights.clip, scheme.weights.clip_value)
+    scheme = scheme.variant(protect=not args.no_protect, clip=clip, clip_value=clip_value)
+    checkpoint, report = detect(args.model, progress=not args.quiet)
+    artifact = compress(checkpoint, report, scheme, args.output, progress=not args.quiet,
+                        eval_tokens=args.tokens or ARTIFACT_EVAL_TOKENS)
+    e = artifact.evaluation
+    size = sum(p.stat().st_size for p in artifact.path.rglob("*") if p.is_file())
+    print(f"{artifact.path}: {scheme.label}, {size / 2**20:.1f} MiB, {len(artifact.manifest['files'])} files in "
+          f"the manifest")
+    print(f"offline: perplexity {e['perplexity']:.3f} on {e['tokens']} tokens (super weights removed: "
+          f"{e['removed_perplexity']:,.1f}); serve it with `superweights serve {artifact.path}`")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compression.artifact import is_artifact
+
+    if is_artifact(args.model):
+        return _eval_artifact(args)
+    from compression.pipeline import detect
+    from compression.scheme_eval import evaluate_schemes, markdown_table, write_results
+    from compression.schemes import SCHEMES, get_scheme
+
+    schemes = [get_scheme(n) for n in (args.scheme or list(SCHEMES))]
+    checkpoint, report = detect(args.model, progress=not args.quiet)
+    clips = (("none", 0.0), args.clip) if args.clip and args.clip[0] != "none" else (("none", 0.0),)
+    rows = evaluate_schemes(checkpoint, report, schemes, clips=clips, tokens=args.tokens, progress=not args.quiet)
+    print(markdown_table(rows, SCHEMES))
+    if args.output:
+        meta = {"model": checkpoint.name, "model_sha256": checkpoint.sha256, "tokens": args.tokens,
+                "super_weights": [f"{w.module}[{w.row},{w.col}]" for w in report.super_weights]}
+        paths = write_results(rows, SCHEMES, args.output, meta)
+        print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _eval_artifact(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from compression.artifact import evaluate_artifact_dir, open_artifact
+
+    artifact = open_artifact(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    e = evaluate_artifact_dir(artifact.path, artifact.scheme, artifact.report, tokenizer, eval_tokens=args.tokens,
+                              window=artifact.evaluation["window"])
+    print(json.dumps(e, indent=2))
+    return 0
+
+
 def cmd_model_prepare(args: argparse.Namespace) -> int:
     from compression.models import resolve_checkpoint
 
@@ -211,8 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_detection_options(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("serve", help="serve a model over gRPC (default: the embedded model on this machine)")
+    p = sub.add_parser("compress", help="write a compressed-tensors artifact that keeps the super weights")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory or .gguf (default: embedded)")
+    p.add_argument("--scheme", required=True, choices=("w8a8", "fp8-dynamic", "w4a16"),
+                   help="w8a8: CPU and GPU; fp8-dynamic and w4a16: GPU")
+    p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory (replaced)")
+    p.add_argument("--no-protect", action="store_true", help="quantize the super weights like any other weight")
+    p.add_argument("--clip", type=_clip, help="weight clipping: none, search, zscore:Z, percentile:P "
+                   "(default: the scheme's, none)")
+    p.add_argument("--tokens", type=int, help="evaluation tokens measured into the artifact (default 4096)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="quality of every scheme, with and without protection and clipping; or of "
+                       "one artifact")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory, .gguf, or an artifact directory (default: embedded)")
+    p.add_argument("--scheme", action="append", help="schemes to compare (repeat; default: all)")
+    p.add_argument("--clip", type=_clip, default=("search", 0.0),
+                   help="the clipping compared against none (default: search; none: skip)")
+    p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (%(default)s)")
+    p.add_argument("-o", "--output", type=Path, help="directory for eval.json, eval.md and eval.png")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a model over gRPC (default: the embedded model on this machine)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory, .gguf, or a `superweights compress` artifact (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (%(default)s)")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port, 0 for none (%(default)s)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -52,7 +52,7 @@ class SuperWeightClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "SuperWeightClient":
+    def __enter__(self) -> SuperWeightClient:
         return self
 
     def __exit__(self, *exc) -> None:

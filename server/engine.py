@@ -15,9 +15,9 @@ import math
 import os
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
 from compression.detect import SuperWeightReport
@@ -28,6 +28,7 @@ BASE = "base"
 REMOVED = "no_super_weights"
 REMOVED_ONE = "no_super_weight_"  # + index in the report: only that one removed
 MAX_LOGPROBS = 20
+PROBE_EXTENSION = "compression.vllm_plugin.SuperWeightProbe"  # worker methods: probe_super_weights
 
 
 class EngineError(RuntimeError):
@@ -125,6 +126,7 @@ class SuperWeightEngine:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self._closed = False
+        self.probed_values: list[float] | None = None  # served_super_weights(), once called
 
     # -- life cycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,6 +136,8 @@ class SuperWeightEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         options = dict(self.config.engine_options)
+        if "worker_extension_cls" in AsyncEngineArgs.__dataclass_fields__:
+            options.setdefault("worker_extension_cls", PROBE_EXTENSION)
         if "lora_target_modules" in AsyncEngineArgs.__dataclass_fields__ and self.report.super_weights:
             # LoRA only where the variants act: cheaper for base traffic, and it keeps the LM head unwrapped,
             # whose CPU LoRA kernel fails on prompt logprobs when several requests share a step.
@@ -155,6 +159,17 @@ class SuperWeightEngine:
             if len(self.report.super_weights) > 1:  # each one alone, too: they can act very differently
                 for i, w in enumerate(self.report.super_weights):
                     await self._add_variant(f"{REMOVED_ONE}{i}", alpha=0.0, weights=[w])
+
+    async def served_super_weights(self) -> list[float] | None:
+        """Each reported super weight as the running engine computes with it (see SuperWeightProbe); None where
+        a weight is split over several workers (tensor or pipeline parallel), which the probe does not read."""
+        options = self.config.engine_options
+        if options.get("tensor_parallel_size", 1) > 1 or options.get("pipeline_parallel_size", 1) > 1:
+            return None
+        entries = [(w.module.removesuffix(".weight"), w.row, w.col) for w in self.report.super_weights]
+        per_worker = await self.engine.collective_rpc("probe_super_weights", args=(entries,))
+        self.probed_values = [float(v) for v in per_worker[0]]
+        return self.probed_values
 
     async def shutdown(self) -> None:
         """Safe to call twice."""

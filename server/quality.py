@@ -12,19 +12,6 @@ from .engine import TokenChoice
 
 log = logging.getLogger(__name__)
 
-# The paper's observation: without its super weight a model moves probability mass to stop words.
-STOP_WORDS = ("the", "The", ".", ",", "and", "of", "a", "to", "in", "is", "that", "it", "\n", ";", ":")
-
-
-def stop_word_ids(tokenize) -> frozenset[int]:
-    """Token ids of stop words that are single tokens, with and without a leading space."""
-    ids = set()
-    for word in STOP_WORDS:
-        for form in (word, " " + word):
-            encoded = tokenize(form)
-            if len(encoded) == 1:
-                ids.add(encoded[0])
-    return frozenset(ids)
 
 
 def topk(choice: TokenChoice) -> dict[int, float]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from compression.detect import SuperWeight
+from compression.evaluation import stop_word_ids
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
@@ -26,7 +27,7 @@ from .engine import (
     UnknownVariantError,
 )
 from .metrics import Metrics, variant_label
-from .quality import divergence, stop_word_ids, stop_word_mass, topk
+from .quality import divergence, stop_word_mass, topk
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,15 @@ def weight_to_proto(w: SuperWeight) -> pb.SuperWeight:
                           conditional_ratio=w.conditional_ratio or 0.0)
 
 
-def report_to_proto(report) -> pb.SuperWeightReport:
+def report_to_proto(report, engine_values: list[float] | None = None) -> pb.SuperWeightReport:
     m, e = report.model, report.eval
+    weights = [weight_to_proto(w) for w in report.super_weights]
+    for message, value in zip(weights, engine_values or ()):
+        message.engine_value = value
     return pb.SuperWeightReport(
         model_name=m.get("name", ""), model_source=m.get("source", ""), model_sha256=m.get("sha256", ""),
         architecture=m["architecture"], prompt=report.prompt, created_at=report.created_at,
-        super_weights=[weight_to_proto(w) for w in report.super_weights],
+        super_weights=weights,
         rejected_candidates=[weight_to_proto(w) for w in report.rejected_candidates],
         super_activations=[pb.SuperActivation(layer=a.layer, channel=a.channel, value=a.value,
                                               token_position=a.token_position, token=a.token)
@@ -232,7 +236,7 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
 
     async def GetSuperWeights(self, request, context):
         async with self._rpc("GetSuperWeights", context):
-            return report_to_proto(self.engine.report)
+            return report_to_proto(self.engine.report, self.engine.probed_values)
 
     async def GetModelInfo(self, request, context):
         async with self._rpc("GetModelInfo", context):

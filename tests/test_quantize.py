@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from compression.errors import UserError
-from compression.quantize import RTNConfig, clip_threshold, protected_entries, quantize_model, quantize_tensor
+from compression.quantize import (
+    ActivationConfig,
+    RTNConfig,
+    clip_threshold,
+    protected_entries,
+    quantize_activation,
+    quantize_activations,
+    quantize_model,
+    quantize_tensor,
+)
 
 
 def small(seed: int = 0) -> torch.Tensor:
@@ -82,3 +91,48 @@ def test_quantize_model_keeps_the_planted_super_weight():
     done = quantize_model(model, RTNConfig(bits=4, granularity="block", block_size=256), protected_entries(report))
     assert "model.layers.1.mlp.down_proj" in done and "lm_head" not in done
     assert model.model.layers[1].mlp.down_proj.weight[17, 99] == 50.0
+
+
+def test_fp8_values_sit_on_the_e4m3_grid():
+    w = small()
+    config = RTNConfig(bits=8, granularity="channel", fmt="fp8")
+    q = quantize_tensor(w, config)
+    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+    levels = q / scale
+    torch.testing.assert_close(levels, levels.to(torch.float8_e4m3fn).float(), atol=1e-3, rtol=1e-5)
+    with pytest.raises(UserError, match="fp8"):
+        RTNConfig(bits=4, fmt="fp8")
+
+
+def test_activation_per_token_holds_the_super_activation_out_of_the_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=g)
+    x[0, 5] = 2000.0  # a super activation on token 0, channel 5
+    x[1:, 5] = 0.0  # and nothing there on the other tokens
+    held = quantize_activation(x, ActivationConfig("int8", "token"), held_out=[5])
+    plain = quantize_activation(x, ActivationConfig("int8", "token", protect=False), held_out=[5])
+    assert held[0, 5] == 2000.0
+    kept = [c for c in range(32) if c != 5]
+    # protected: token 0's other channels are quantized with their own absmax / 127
+    assert (held[0, kept] - x[0, kept]).abs().max() <= x[0, kept].abs().max() / 127 / 2 + 1e-6
+    # unprotected: its step is 2000 / 127, about 16: every ordinary value of token 0 rounds to zero
+    assert plain[0, kept].abs().max() == 0.0
+    # the other tokens do not see token 0's outlier per token, they do per tensor
+    torch.testing.assert_close(held[1:], plain[1:])
+    per_tensor = quantize_activation(x, ActivationConfig("int8", "tensor", protect=False))
+    assert per_tensor[1:].abs().max() < 17.0 and (per_tensor[1:] == 0).float().mean() > 0.9
+
+
+def test_activation_hooks_are_removed_after_the_block():
+    from tests.tiny_models import planted_llama
+
+    model = planted_llama()
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        modules = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        with quantize_activations(model, ActivationConfig("int8", "tensor", protect=False), modules):
+            during = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
+    assert not torch.allclose(during, before)

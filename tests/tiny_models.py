@@ -76,3 +76,16 @@ def sampled_text(model, n_tokens: int = 512, seed: int = 0) -> EvalText:
         probs = model(input_ids=ids).logits[0, -1].softmax(-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)[None]], dim=1)
     return EvalText(name="samples", sha256="", ids=ids[0])
+
+
+def save_checkpoint(model, directory) -> None:
+    """A loadable checkpoint directory: the model plus a byte-level tokenizer (256 ids, one per byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    model.save_pretrained(directory, safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
