@@ -78,7 +78,7 @@ class RTNConfig:
 
 def _groups(w: torch.Tensor, config: RTNConfig) -> tuple[torch.Tensor, int]:
     """[G, n] view of w's elements per quantization group, and how many padding elements were added."""
-    out_features, in_features = w.shape
+    in_features = w.shape[1]
     if config.granularity == "tensor":
         return w.reshape(1, -1), 0
     if config.granularity == "channel":

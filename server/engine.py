@@ -21,6 +21,7 @@ from pathlib import Path
 
 from compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
 from compression.detect import SuperWeightReport
+from compression.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ PROBE_EXTENSION = "compression.vllm_plugin.SuperWeightProbe"  # worker methods: 
 
 class EngineError(RuntimeError):
     """The engine cannot serve (not started, dead, or shut down)."""
+
+
+class PluginMissingError(UserError):
+    """An artifact that needs the superweights vLLM plugin, in an environment without it."""
 
 
 class UnknownVariantError(ValueError):
@@ -110,6 +115,22 @@ def _is_cpu(device: str) -> bool:
     return cpu
 
 
+def _require_plugin_for(checkpoint: Path) -> None:
+    """An artifact's quant_method "superweights" exists only through our vLLM plugin: say so before vLLM does."""
+    import json
+    from importlib.metadata import entry_points
+
+    try:
+        quant = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config", {})
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable checkpoint itself
+    if quant.get("quant_method") == "superweights" and not any(
+            e.name == "superweights" for e in entry_points(group="vllm.general_plugins")):
+        raise PluginMissingError("this artifact needs the superweights vLLM plugin, which is not installed in this "
+                          "environment: `pip install -e .` (or `pip install --no-deps .`) in the superweights "
+                          "checkout registers it")
+
+
 class SuperWeightEngine:
     """vLLM AsyncLLM with LoRA on, serving the base model and its super-weight variants."""
 
@@ -135,6 +156,7 @@ class SuperWeightEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        _require_plugin_for(self.config.checkpoint)
         options = dict(self.config.engine_options)
         if "worker_extension_cls" in AsyncEngineArgs.__dataclass_fields__:
             options.setdefault("worker_extension_cls", PROBE_EXTENSION)
@@ -233,8 +255,11 @@ class SuperWeightEngine:
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         if chat:
-            return list(self._tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                            add_generation_prompt=True, tokenize=True))
+            encoded = self._tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                          add_generation_prompt=True, tokenize=True)
+            if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding, 4 a list of ids
+                encoded = encoded["input_ids"]
+            return [int(i) for i in encoded]
         return list(self._tokenizer.encode(text))
 
     def decode(self, ids: list[int]) -> str:

@@ -74,3 +74,11 @@ def test_engine_computes_with_the_reported_super_weights(client, artifact):
     for w in report.super_weights:
         assert w.HasField("engine_value")
         assert abs(w.engine_value - w.value) <= 1e-4 * abs(w.value), (w.module, w.engine_value, w.value)
+
+
+def test_chat_prompt_goes_through_the_template(client):
+    plain = client.generate("What is the capital of France?", max_tokens=8, **GREEDY)
+    chat = client.generate("What is the capital of France?", chat=True, max_tokens=8, **GREEDY)
+    # the template wraps the question in system and user turns: many more prompt tokens, and an answer
+    assert chat["prompt_tokens"] > plain["prompt_tokens"] + 10
+    assert "Paris" in chat["text"]
