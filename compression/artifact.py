@@ -245,7 +245,8 @@ def served_report(artifact: Artifact) -> SuperWeightReport:
     e = artifact.evaluation
     eval_ = dict(artifact.report.eval, baseline_perplexity=e["perplexity"], removed_perplexity=e["removed_perplexity"],
                  tokens=e["tokens"], window=e["window"])
-    model = dict(artifact.report.model, artifact=str(artifact.path), scheme=artifact.scheme.label)
+    model = dict(artifact.report.model, artifact=str(artifact.path), scheme=artifact.scheme.label,
+                 protected=artifact.scheme.weights.protect)
     return dataclasses.replace(artifact.report, eval=eval_, model=model)
 
 
