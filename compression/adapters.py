@@ -19,6 +19,11 @@ from safetensors.torch import save_file
 
 from .detect import SuperWeight, SuperWeightReport
 
+# Variant names, shared by the engine's arms and an artifact's adapters/ directory.
+BASE = "base"
+REMOVED = "no_super_weights"
+REMOVED_ONE = "no_super_weight_"  # + index in the report: only that one removed
+
 # vLLM accepts only these max_lora_rank values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import write_adapter
+from .adapters import REMOVED, REMOVED_ONE, write_adapter
 from .detect import SuperWeightReport
 from .errors import UserError
 from .models import Checkpoint, load_model, sha256_file
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 ARTIFACT_SCHEMA = "superweights.artifact/v1"
 QUANT_METHOD = "superweights"
 COLUMN_WEIGHT = "sw_column_weight"
-REMOVED, REMOVED_ONE = "no_super_weights", "no_super_weight_"
 # Activation quantization turns float rounding differences into rounding flips: on 1024 tokens float32 and
 # float64 evaluations of one w8a8 artifact differed by 1%, on 4096 by 0.04%. Artifacts are measured on 4096.
 ARTIFACT_EVAL_TOKENS = 4096

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-QUANT_METHOD = "superweights"
-COLUMN_WEIGHT = "sw_column_weight"
+from .artifact import COLUMN_WEIGHT, QUANT_METHOD
 
 try:
     from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
@@ -74,7 +73,6 @@ class ExactCPUInt8:
         lo = w - 2 * hi  # {0, 1}
         scale = weight_scale.flatten().float()
         self.n = w.shape[0]
-        self.out_dtype = out_dtype
         # the handlers keep pointers into these tensors: they live as long as the handlers
         self.parts = [(part.to(torch.int8).contiguous(), s.contiguous()) for part, s in ((hi, 2 * scale), (lo, scale))]
         self.handlers = [ops.create_onednn_scaled_mm(part.t(), s, out_dtype, True, False, 32)

@@ -19,15 +19,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
+from compression.adapters import (
+    BASE,
+    REMOVED,
+    REMOVED_ONE,
+    adapter_rank,
+    vllm_max_lora_rank,
+    write_adapter,
+)
 from compression.detect import SuperWeightReport
 from compression.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
-REMOVED = "no_super_weights"
-REMOVED_ONE = "no_super_weight_"  # + index in the report: only that one removed
 MAX_LOGPROBS = 20
 PROBE_EXTENSION = "compression.vllm_plugin.SuperWeightProbe"  # worker methods: probe_super_weights
 

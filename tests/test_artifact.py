@@ -43,7 +43,6 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["w8a8", "fp8-dynamic", "w4a16"])
 def test_protected_columns_are_exact_and_out_of_the_scales(name, tmp_path):
-    scheme = SCHEMES[name]
     w = planted_llama(row=ROW, col=COL, value=VALUE).model.layers[1].mlp.down_proj.weight.detach()  # [64, 256]
     scheme = get_scheme(name)
     if scheme.weights.granularity == "group":
