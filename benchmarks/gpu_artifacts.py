@@ -4,8 +4,8 @@ Device steps (after scripts/gpu/pack.sh's chunks are unpacked, see BENCHMARKS.md
     python -m benchmarks.gpu_artifacts compress --art ~/art        # w8a8, fp8-dynamic, w4a16 of the default model
     python -m benchmarks.gpu_artifacts measure bf16 w8a8 --art ~/art --out $OUT
     python -m benchmarks.gpu_artifacts measure fp8-dynamic w4a16 --art ~/art --out $OUT
-and here `python -m benchmarks.gpu_artifacts report benchmarks/gpu/artifacts_*.json` writes the table into
-BENCHMARKS.md. Per model: perplexity through the engine (prompt logprobs, base and without super weights), the
+and here, with the fetched artifacts_*.json in benchmarks/gpu/, `python -m benchmarks.gpu_artifacts report`
+rewrites BENCHMARKS.md from every saved result (benchmarks/report.py). Per model: perplexity through the engine (prompt logprobs, base and without super weights), the
 super weights as the engine computes with them (SuperWeightProbe), decode tokens/s at 1 and 32 streams.
 """
 
@@ -66,7 +66,7 @@ async def measure_one(name: str, art: Path, device: str = "cuda", dtype: str = "
     options = {"gpu_memory_utilization": 0.4} if device == "cuda" else {}
     engine = SuperWeightEngine(EngineConfig(checkpoint=path, device=device, dtype=dtype, engine_options=options),
                                report)
-    result = {"model": name, "offline_float32": offline}
+    result = {"model": name, "date": time.strftime("%Y-%m-%d"), "offline_float32": offline}
     t0 = time.perf_counter()
     try:
         await engine.start()
@@ -87,14 +87,17 @@ async def measure_one(name: str, art: Path, device: str = "cuda", dtype: str = "
     return result
 
 
-def write_report(results: list[dict], path: Path) -> None:
-    """The artifact table of BENCHMARKS.md's GPU section (between its markers, replaced on each run)."""
-    import subprocess
+def load_artifact_runs(directory: Path) -> list[dict]:
+    return [r for p in sorted(directory.glob("artifacts_*.json")) for r in json.loads(p.read_text())]
 
-    begin, end = "<!-- gpu-artifacts -->", "<!-- /gpu-artifacts -->"
+
+def artifact_lines(results: list[dict]) -> list[str]:
+    """The artifact table of BENCHMARKS.md's GPU section (benchmarks/report.py puts it there)."""
+    if not results:
+        return []
     by_name = {r["model"]: r for r in results}
     bf16 = by_name.get("bf16", {})
-    lines = [begin, "", "### Compressed artifacts on the H200", "",
+    lines = ["", "### Compressed artifacts on the H200", "",
              "Artifacts of the default model written on the device by `superweights compress` (the same code as "
              "here); each served by vLLM 0.26.0 in bfloat16 through the superweights plugin with LoRA on "
              "(down_proj), one engine at a time. Perplexity through the engine: prompt logprobs over 4,096 tokens of "
@@ -114,7 +117,8 @@ def write_report(results: list[dict], path: Path) -> None:
              "#     python -m benchmarks.gpu_artifacts compress --art ~/art                          carry .whl",
              "#   (same environment) python -m benchmarks.gpu_artifacts measure bf16 w8a8 --art ~/art --out $OUT",
              "#   (same environment) python -m benchmarks.gpu_artifacts measure fp8-dynamic w4a16 --art ~/art --out $OUT",
-             "python -m benchmarks.gpu_artifacts report benchmarks/gpu/artifacts_*.json", "```", "",
+             "python -m benchmarks.gpu_artifacts report   # after copying the fetched artifacts_*.json to benchmarks/gpu/",
+             "```", "",
              "| model | perplexity (engine) | offline float32 | no super weights (engine) | engine values | "
              "decode tok/s, 1 stream | 32 streams | vs bf16 (1 / 32) |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
@@ -132,22 +136,15 @@ def write_report(results: list[dict], path: Path) -> None:
         values = ", ".join(f"{v:.6f}" for v in r["engine_values"] or [])
         lines.append(f"| {name} | {r['perplexity']:.2f} | {offline} | {r['removed_perplexity']:,.0f} | {values} | "
                      f"{speed['1']:,.0f} | {speed['32']:,.0f} | {ratio} |")
-    date = subprocess.run(["git", "log", "-1", "--format=%cs"], capture_output=True, text=True).stdout.strip()
-    lines += ["", f"Measured {date} on the lent NVIDIA H200 (`benchmarks/gpu_artifacts.py`, device steps in its "
-              "docstring and above).", "", end]
-    text = path.read_text()
-    block = "\n".join(lines)
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    dates = ", ".join(sorted({r["date"] for r in results}))
+    return lines + ["", f"Measured {dates} on the lent NVIDIA H200 (`benchmarks/gpu_artifacts.py`, device steps in "
+                    "its docstring and above)."]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("compress", "measure", "report"))
-    parser.add_argument("names", nargs="*", help="measure: bf16 and/or schemes; report: result files")
+    parser.add_argument("names", nargs="*", help="measure: bf16 and/or schemes")
     parser.add_argument("--art", type=Path, default=Path.home() / "art")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/gpu")))
     parser.add_argument("--device", default="cuda", help="cuda (the H200); cpu to try the script here")
@@ -160,8 +157,9 @@ def main() -> None:
         results = [asyncio.run(measure_one(n, args.art, args.device, args.dtype)) for n in args.names]
         (args.out / f"artifacts_{'_'.join(args.names)}.json").write_text(json.dumps(results, indent=2))
     else:
-        results = [r for f in args.names for r in json.loads(Path(f).read_text())]
-        write_report(results, Path("BENCHMARKS.md"))
+        from benchmarks.report import load_gpu_runs, write_gpu_section
+
+        write_gpu_section(load_gpu_runs(Path("benchmarks/gpu")), Path("BENCHMARKS.md"))
 
 
 if __name__ == "__main__":

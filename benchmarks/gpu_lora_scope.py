@@ -8,7 +8,8 @@ Device (after the pack's chunks, see BENCHMARKS.md; the GGUF converted by an ear
 the same process hung the first engine start there):
     source ~/gpu/env.sh && PYTHONPATH=.:$PYTHONPATH VLLM_WORKER_MULTIPROC_METHOD=spawn \
         python -m benchmarks.gpu_lora_scope down_proj all off --out $OUT
-Here: `python -m benchmarks.gpu_lora_scope report benchmarks/gpu/lora_scope_*.json` writes the table.
+Here, with the fetched lora_scope_*.json in benchmarks/gpu/: `python -m benchmarks.gpu_lora_scope report` rewrites
+BENCHMARKS.md from every saved result (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -44,11 +45,17 @@ def measure(name: str, checkpoint: str) -> dict:
     return result
 
 
-def write_report(results: list[dict], path: Path) -> None:
-    begin, end = "<!-- gpu-lora-scope -->", "<!-- /gpu-lora-scope -->"
+def load_lora_scope_runs(directory: Path) -> list[dict]:
+    return [r for p in sorted(directory.glob("lora_scope_*.json")) for r in json.loads(p.read_text())]
+
+
+def lora_scope_lines(results: list[dict]) -> list[str]:
+    """BENCHMARKS.md's LoRA-reach table (benchmarks/report.py puts it there)."""
+    if not results:
+        return []
     by = {r["config"]: r for r in results}
     off = by["off"]["tok_s"]
-    lines = [begin, "", "### What LoRA's reach costs base traffic (H200)", "",
+    lines = ["", "### What LoRA's reach costs base traffic (H200)", "",
              "vLLM 0.26.0's offline `LLM`, the default model in bfloat16, base requests only (no adapter), 128 greedy "
              "tokens each (`benchmarks/gpu_lora_scope.py`). The server wraps only the down-projections, where the "
              "super weights live; this asks whether that saves anything against vLLM's default of "
@@ -65,24 +72,19 @@ def write_report(results: list[dict], path: Path) -> None:
               "slower than wrapping every module at 1 and 32 streams. It ran first in its process; an order effect "
               "was not ruled out (device time ran out), so read this as: no saving shown, not as a measured loss. "
               "The first session's measurement of LoRA on every module (shared notes: 451 / 8,633 / 27,107 tok/s) "
-              "differs from this run's by up to 40%, which is the noise level of these figures.", "", end]
-    text = path.read_text()
-    block = "\n".join(lines)
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        marker = "<!-- gpu-artifacts -->"
-        text = text.replace(marker, block + "\n\n" + marker) if marker in text else text.rstrip() + "\n\n" + block
-    path.write_text(text)
+              "differs from this run's by up to 40%, which is the noise level of these figures."]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("names", nargs="+", help="configs (off, all, down_proj), or: report FILES...")
+    parser.add_argument("names", nargs="+", help="configs (off, all, down_proj), or: report")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/gpu")))
     args = parser.parse_args()
     if args.names[0] == "report":
-        write_report([r for f in args.names[1:] for r in json.loads(Path(f).read_text())], Path("BENCHMARKS.md"))
+        from benchmarks.report import load_gpu_runs, write_gpu_section
+
+        write_gpu_section(load_gpu_runs(Path("benchmarks/gpu")), Path("BENCHMARKS.md"))
         return
     from benchmarks.gpu_run import place_default_model
     from compression.models import resolve_checkpoint

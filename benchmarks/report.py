@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.gpu_artifacts import artifact_lines, load_artifact_runs
+from benchmarks.gpu_lora_scope import load_lora_scope_runs, lora_scope_lines
+
 COMMAND = "bash benchmarks/run.sh"
 
 
@@ -129,6 +132,8 @@ def write_report(results: dict, path: Path, out_dir: Path, gpu_runs: list[dict] 
                      "of the compute ceiling")
     lines += gap_lines(by_server, out_dir)
     lines += gpu_lines(gpu_runs if gpu_runs is not None else load_gpu_runs(out_dir / "gpu"))
+    lines += lora_scope_lines(load_lora_scope_runs(out_dir / "gpu"))
+    lines += artifact_lines(load_artifact_runs(out_dir / "gpu"))
     path.write_text("\n".join(lines) + "\n")
 
 
