@@ -33,10 +33,6 @@ class DownProjection:
     module: nn.Module
     transposed: bool  # True for GPT-2's Conv1D, whose parameter is [in, out]
 
-    @property
-    def parameter_name(self) -> str:
-        return f"{self.name}.weight"
-
     def weight_matrix(self) -> torch.Tensor:
         w = self.module.weight
         return w.t() if self.transposed else w

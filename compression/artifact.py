@@ -23,25 +23,31 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .adapters import REMOVED, REMOVED_ONE, write_adapter
+from .adapters import write_adapter
 from .detect import SuperWeightReport
 from .errors import UserError
+from .format import (
+    ADAPTERS,
+    ARTIFACT_SCHEMA,
+    COLUMN_WEIGHT,
+    EXTRA_KEY,
+    IGNORE,
+    QUANT_METHOD,
+    protected_columns,
+    variant_specs,
+)
+from .fsutil import replacing_dir
 from .models import Checkpoint, load_model, sha256_file
-from .quantize import group_thresholds, held_out_channels
+from .quantize import group_thresholds, held_out_channels, quantized_linears
 from .schemes import Scheme, fit_to_model, get_scheme
 
 log = logging.getLogger(__name__)
-ARTIFACT_SCHEMA = "superweights.artifact/v1"
-QUANT_METHOD = "superweights"
-COLUMN_WEIGHT = "sw_column_weight"
 # Activation quantization turns float rounding differences into rounding flips: on 1024 tokens float32 and
 # float64 evaluations of one w8a8 artifact differed by 1%, on 4096 by 0.04%. Artifacts are measured on 4096.
 ARTIFACT_EVAL_TOKENS = 4096
@@ -108,21 +114,17 @@ def decompress_linear(tensors: dict[str, torch.Tensor], scheme: Scheme, cols: li
     return w
 
 
-def quantization_config(scheme: Scheme, protected: dict[str, list[int]], ignore: list[str]) -> dict:
+def quantization_config(scheme: Scheme, protected: dict[str, list[int]]) -> dict:
     from compressed_tensors.quantization import QuantizationConfig
 
     config = QuantizationConfig(config_groups={"group_0": scheme.compressed_tensors_scheme()},
-                                format=scheme.compression_format, ignore=ignore,
+                                format=scheme.compression_format, ignore=list(IGNORE),
                                 quantization_status="compressed").model_dump(mode="json", exclude_none=True)
     config["quant_method"] = QUANT_METHOD  # served through compression.vllm_plugin; plain vLLM refuses it
-    config["superweights"] = {"scheme": scheme.name, "protected_columns": protected,
-                              "weight_protect": scheme.weights.protect, "clip": scheme.weights.clip,
-                              "clip_value": scheme.weights.clip_value}
+    config[EXTRA_KEY] = {"scheme": scheme.name, "protected_columns": protected,
+                         "weight_protect": scheme.weights.protect, "clip": scheme.weights.clip,
+                         "clip_value": scheme.weights.clip_value}
     return config
-
-
-def _quantized_modules(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
 
 
 def compress(checkpoint: Checkpoint, report: SuperWeightReport, scheme: Scheme, out: Path,
@@ -143,46 +145,35 @@ def compress(checkpoint: Checkpoint, report: SuperWeightReport, scheme: Scheme, 
         raise ArtifactError(f"{out} exists and is not a superweights artifact: give an empty or new directory")
     model, tokenizer = load_model(checkpoint)
     protected = held_out_channels(report) if scheme.weights.protect else {}
-    modules = _quantized_modules(model)
-    by_name = dict(model.named_modules())
-    scheme = fit_to_model(scheme, [by_name[n].in_features for n in modules])
+    linears = quantized_linears(model)
+    scheme = fit_to_model(scheme, [m.in_features for m in linears.values()])
     tensors: dict[str, torch.Tensor] = {}
-    for name in tqdm(modules, desc=f"compress {scheme.name}", unit="linear", disable=not progress):
-        for key, value in compress_linear(by_name[name].weight, scheme, protected.get(name, [])).items():
+    for name, module in tqdm(linears.items(), desc=f"compress {scheme.name}", unit="linear", disable=not progress):
+        for key, value in compress_linear(module.weight, scheme, protected.get(name, [])).items():
             tensors[f"{name}.{key}"] = value.contiguous()
-    quantized = {f"{n}.weight" for n in modules}
+    quantized = {f"{n}.weight" for n in linears}
     for key, value in model.state_dict().items():
         if key not in quantized and key not in tensors:
             tensors[key] = value.contiguous()
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replacing_dir(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         config = json.loads((checkpoint.path / "config.json").read_text())
-        config["quantization_config"] = quantization_config(scheme, protected, ignore=["lm_head"])
+        config["quantization_config"] = quantization_config(scheme, protected)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for extra in checkpoint.path.iterdir():
             if extra.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
                 shutil.copy2(extra, tmp / extra.name)
         (tmp / "report.json").write_text(report.to_json())
-        if report.super_weights:
-            write_adapter(report, tmp / "adapters" / REMOVED, alpha=0.0, base_model=str(out))
-            if len(report.super_weights) > 1:
-                for i, w in enumerate(report.super_weights):
-                    write_adapter(report, tmp / "adapters" / f"{REMOVED_ONE}{i}", alpha=0.0, weights=[w],
-                                  base_model=str(out))
+        for spec in variant_specs(report):
+            write_adapter(report, tmp / ADAPTERS / spec.name, alpha=spec.alpha, weights=list(spec.weights),
+                          base_model=str(out))
         evaluation = evaluate_artifact_dir(tmp, scheme, report, tokenizer, eval_tokens)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        for path in tmp.rglob("*"):
+        for path in tmp.rglob("*"):  # readable by whoever serves it, whatever the source files' modes
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         write_manifest(tmp, scheme, report, checkpoint)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return open_artifact(out)
 
 
@@ -233,6 +224,15 @@ def open_artifact(root: str | Path) -> Artifact:
     return Artifact(path=root, scheme=scheme, report=report, manifest=manifest, evaluation=evaluation)
 
 
+def artifact_adapters(artifact: Artifact) -> dict[str, Path]:
+    """Variant name -> the artifact's own adapter directory, for each of its variants that its manifest lists
+    (open_artifact verified those files)."""
+    listed = artifact.manifest["files"]
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    return {spec.name: artifact.path / ADAPTERS / spec.name for spec in variant_specs(artifact.report)
+            if all(f"{ADAPTERS}/{spec.name}/{f}" in listed for f in files)}
+
+
 def artifact_checkpoint(artifact: Artifact) -> Checkpoint:
     source = artifact.manifest["source"]
     return Checkpoint(path=artifact.path, name=f"{source['name']} {artifact.scheme.label}", source=str(artifact.path),
@@ -260,10 +260,10 @@ def load_artifact_model(root: Path, scheme: Scheme, dtype: torch.dtype = torch.f
     config = AutoConfig.from_pretrained(root)
     quant = config.quantization_config
     del config.quantization_config
-    protected = {k: list(v) for k, v in quant["superweights"]["protected_columns"].items()}
+    protected = protected_columns(quant)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     tensors = load_file(root / "model.safetensors")
-    modules = _quantized_modules(model)
+    modules = list(quantized_linears(model))
     state = {}
     for name in modules:
         local = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")
@@ -301,7 +301,7 @@ def evaluate_artifact_dir(root: Path, scheme: Scheme, report: SuperWeightReport,
             by_name = dict(model.named_modules())
             with torch.no_grad():
                 for w in report.super_weights:
-                    by_name[w.module.removesuffix(".weight")].weight[w.row, w.col] = 0.0
+                    by_name[w.module].weight[w.row, w.col] = 0.0
         if scheme.activations:
             with quantize_activations(model, scheme.activations, modules, protected):
                 results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids)

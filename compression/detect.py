@@ -16,7 +16,7 @@ import contextlib
 import datetime as dt
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ class LayerStats:
     """Per down-projection activation extremes on the detection prompt."""
 
     layer: int
-    module: str
+    module: str  # module name, e.g. "model.layers.3.mlp.down_proj"
     max_abs_input: float
     input_channel: int
     max_abs_output: float
@@ -53,7 +53,7 @@ class LayerStats:
 @dataclass
 class SuperWeight:
     layer: int
-    module: str  # full parameter name, e.g. "model.layers.3.mlp.down_proj.weight"
+    module: str  # module name, e.g. "model.layers.3.mlp.down_proj"
     row: int  # output channel = residual-stream channel of the super activation
     col: int  # input channel of the down-projection
     value: float
@@ -62,6 +62,11 @@ class SuperWeight:
     perplexity_removed: float | None = None  # eval perplexity with only this weight zeroed
     perplexity_ratio: float | None = None  # perplexity_removed / baseline
     conditional_ratio: float | None = None  # ppl(this + super weights confirmed before it removed) / ppl(those removed)
+
+    @property
+    def parameter(self) -> str:
+        """Its parameter's name, e.g. "model.layers.3.mlp.down_proj.weight"."""
+        return f"{self.module}.weight"
 
 
 @dataclass(frozen=True)
@@ -98,14 +103,19 @@ class SuperWeightReport:
             raise ValueError(f"not a {REPORT_SCHEMA} report (schema={d.get('schema')!r})")
         return cls(
             model=d["model"], prompt=d["prompt"], created_at=d["created_at"], eval=d["eval"],
-            super_weights=[SuperWeight(**w) for w in d["super_weights"]],
-            rejected_candidates=[SuperWeight(**w) for w in d["rejected_candidates"]],
+            super_weights=[SuperWeight(**_module_named(w)) for w in d["super_weights"]],
+            rejected_candidates=[SuperWeight(**_module_named(w)) for w in d["rejected_candidates"]],
             super_activations=[SuperActivation(**a) for a in d["super_activations"]],
-            layer_stats=[LayerStats(**s) for s in d["layer_stats"]], settings=d["settings"])
+            layer_stats=[LayerStats(**_module_named(s)) for s in d["layer_stats"]], settings=d["settings"])
 
     @classmethod
     def load(cls, path: Path) -> SuperWeightReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _module_named(entry: dict) -> dict:
+    """Reports cached before module names were used held parameter names ("...down_proj.weight")."""
+    return dict(entry, module=entry["module"].removesuffix(".weight"))
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,17 @@ class DetectionSettings:
             raise UserError("max_candidates >= 1, eval_tokens >= 16 and window >= 2 are required")
 
 
+@contextlib.contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block, each (module, hook) pair's forward hook is registered; removed even on error."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def down_projection_stats(model: nn.Module, projections: list[DownProjection],
                           input_ids: torch.Tensor) -> tuple[list[LayerStats], dict[str, torch.Tensor]]:
@@ -143,17 +164,13 @@ def down_projection_stats(model: nn.Module, projections: list[DownProjection],
             outputs[name] = output[0].detach().float()  # [S, out]
         return capture
 
-    handles = [p.module.register_forward_hook(hook(p.name)) for p in projections]
-    try:
+    with forward_hooks([(p.module, hook(p.name)) for p in projections]):
         model(input_ids=input_ids[None])
-    finally:
-        for h in handles:
-            h.remove()
     stats = []
     for p in projections:
         x, y = inputs[p.name].abs(), outputs[p.name].abs()
         t, row = divmod(int(y.argmax()), y.shape[1])
-        stats.append(LayerStats(layer=p.layer, module=p.parameter_name, max_abs_input=float(x.max()),
+        stats.append(LayerStats(layer=p.layer, module=p.name, max_abs_input=float(x.max()),
                                 input_channel=int(x.argmax()) % x.shape[1], max_abs_output=float(y[t, row]),
                                 output_channel=row, token_position=t, median_abs_output=float(y.median())))
     return stats, inputs
@@ -174,7 +191,7 @@ def zeroed(projections: dict[str, DownProjection], weights: list[SuperWeight]) -
 
 def _spike_candidates(model: nn.Module, projections: list[DownProjection], prompt_ids: torch.Tensor,
                       settings: DetectionSettings) -> tuple[list[SuperWeight], list[LayerStats]]:
-    by_name = {p.parameter_name: p for p in projections}
+    by_name = {p.name: p for p in projections}
     candidates: list[SuperWeight] = []
     first_stats: list[LayerStats] = []
     with contextlib.ExitStack() as stack:
@@ -207,11 +224,11 @@ def _largest_other_weights(projections: list[DownProjection], exclude: list[Supe
     pool: list[SuperWeight] = []
     for p in projections:
         w = p.weight_matrix().detach()
-        values, flat = w.abs().flatten().topk(min(k + len(skip), w.numel()))
+        flat = w.abs().flatten().topk(min(k + len(skip), w.numel())).indices
         for flat_index in flat.tolist():
             row, col = divmod(flat_index, w.shape[1])
-            if (p.parameter_name, row, col) not in skip:
-                pool.append(SuperWeight(layer=p.layer, module=p.parameter_name, row=row, col=col,
+            if (p.name, row, col) not in skip:
+                pool.append(SuperWeight(layer=p.layer, module=p.name, row=row, col=col,
                                         value=float(w[row, col]), input_magnitude=0.0, output_magnitude=0.0))
     return sorted(pool, key=lambda w: -abs(w.value))[:k]
 
@@ -232,12 +249,8 @@ def super_activations(model: nn.Module, projections: list[DownProjection], promp
             residual[layer] = h[0].detach().float()  # [S, D]
         return capture
 
-    handles = [m.register_forward_hook(hook(layer)) for layer, m in blocks.items()]
-    try:
+    with forward_hooks([(m, hook(layer)) for layer, m in blocks.items()]):
         model(input_ids=prompt_ids[None])
-    finally:
-        for h in handles:
-            h.remove()
     found = []
     for channel in sorted(set(channels)):
         per_layer = {layer: h[:, channel] for layer, h in sorted(residual.items())}  # layer -> [S]
@@ -267,7 +280,7 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
     from tqdm.auto import tqdm
 
     projections = find_down_projections(model)
-    by_name = {p.parameter_name: p for p in projections}
+    by_name = {p.name: p for p in projections}
     prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
     eval_ids = eval_text.ids[: settings.eval_tokens]
     candidates, stats = _spike_candidates(model, projections, prompt_ids, settings)

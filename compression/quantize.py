@@ -21,6 +21,7 @@ Activations, per token (a row of x: [T, D]) or per tensor, held-out channels exc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .format import is_quantized_linear
 
 Granularity = Literal["tensor", "channel", "group", "block"]
 Clip = Literal["none", "zscore", "percentile", "search"]
@@ -152,22 +154,26 @@ def quantize_tensor(w: torch.Tensor, config: RTNConfig, protect: list[tuple[int,
 
 
 def quantize_model(model: nn.Module, config: RTNConfig, protect: dict[str, list[tuple[int, int]]] | None = None,
-                   ignore: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Quantize every nn.Linear weight in place except those whose name contains an `ignore` entry.
+                   filter_fn: Callable[[nn.Module, str], bool] = is_quantized_linear) -> list[str]:
+    """Quantize in place the weight of every module that filter_fn(module, name) accepts.
 
     Args:
-        protect: parameter name ("model.layers.11.mlp.down_proj.weight") -> [(row, col)] held out and restored.
+        protect: module name ("model.layers.11.mlp.down_proj") -> [(row, col)] held out and restored.
+        filter_fn: which modules; by default what an artifact quantizes (every nn.Linear but the LM head).
     Returns:
         the names of the quantized modules.
     """
     protect = protect or {}
-    done = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(part in name for part in ignore):
-            continue
-        module.weight.data = quantize_tensor(module.weight, config, protect.get(f"{name}.weight", []))
-        done.append(name)
-    return done
+    linears = quantized_linears(model, filter_fn)
+    for name, module in linears.items():
+        module.weight.data = quantize_tensor(module.weight, config, protect.get(name, []))
+    return list(linears)
+
+
+def quantized_linears(model: nn.Module,
+                      filter_fn: Callable[[nn.Module, str], bool] = is_quantized_linear) -> dict[str, nn.Module]:
+    """Name -> module of every module filter_fn(module, name) accepts, in model order."""
+    return {name: module for name, module in model.named_modules() if filter_fn(module, name)}
 
 
 def protected_entries(report) -> dict[str, list[tuple[int, int]]]:
@@ -248,7 +254,7 @@ def held_out_channels(report) -> dict[str, list[int]]:
     """Module name -> the input channels of its super weights: where the super activation enters."""
     channels: dict[str, list[int]] = {}
     for w in report.super_weights:
-        cols = channels.setdefault(w.module.removesuffix(".weight"), [])
+        cols = channels.setdefault(w.module, [])
         if w.col not in cols:
             cols.append(w.col)
     return channels

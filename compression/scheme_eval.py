@@ -13,12 +13,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from .detect import SuperWeightReport
 from .evaluation import Quality, evaluate, load_eval_text, stop_word_ids
 from .models import Checkpoint, load_model
-from .quantize import Clip, held_out_channels, protected_entries, quantize_activations, quantize_model
+from .quantize import (
+    Clip,
+    held_out_channels,
+    protected_entries,
+    quantize_activations,
+    quantize_model,
+    quantized_linears,
+)
 from .schemes import Scheme, fit_to_model
 
 
@@ -55,7 +60,7 @@ def evaluate_schemes(checkpoint: Checkpoint, report: SuperWeightReport, schemes:
     start = time.perf_counter()
     rows = [_row("original", False, "none", evaluate(model, ids, window, stop_ids=stop_ids),
                  time.perf_counter() - start)]
-    widths = [m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    widths = [m.in_features for m in quantized_linears(model).values()]
     schemes = [fit_to_model(s, widths) for s in schemes]
     configs = [(s, p, c) for s in schemes for c in clips for p in (False, True)]
     for scheme, protect, (clip, clip_value) in tqdm(configs, desc="eval", unit="config", disable=not progress):
@@ -86,11 +91,9 @@ def markdown_table(rows: list[SchemeResult], schemes: dict[str, Scheme]) -> str:
 
 def plot_schemes(rows: list[SchemeResult], path: Path, title: str) -> Path:
     """Grouped bars: perplexity per scheme for each protection/clipping configuration (log scale)."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base = rows[0]
     names = list(dict.fromkeys(r.scheme for r in rows[1:]))
     configs = list(dict.fromkeys((r.protect, r.clip) for r in rows[1:]))
@@ -107,11 +110,7 @@ def plot_schemes(rows: list[SchemeResult], path: Path, title: str) -> Path:
     ax.set_ylabel("perplexity (log)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(rows: list[SchemeResult], schemes: dict[str, Scheme], out_dir: Path, meta: dict) -> dict[str, Path]:

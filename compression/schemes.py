@@ -1,10 +1,10 @@
 """Named quantization schemes: what `superweights eval` compares and `superweights compress` writes.
 
-A scheme is a weight config plus an optional activation config. The three servable ones map onto a
-compressed-tensors scheme that vLLM has kernels for:
-    w8a8         int8 weights per output channel, int8 activations per token (dynamic)   CPU and GPU
-    fp8-dynamic  fp8 e4m3 weights per output channel, fp8 activations per token (dynamic) GPU (CPU: slow)
-    w4a16        int4 weights in groups of 128 inputs (64 or 32 where widths need it)    GPU only (Marlin)
+A scheme is a weight config plus an optional activation config. The three servable ones are written as a
+compressed-tensors preset (PRESET_SCHEMES) that vLLM has kernels for:
+    w8a8         W8A8: int8 weights per output channel, int8 activations per token (dynamic)    CPU and GPU
+    fp8-dynamic  FP8_DYNAMIC: fp8 e4m3 weights per output channel, fp8 activations per token     GPU (CPU: slow)
+    w4a16        W4A16: int4 weights in groups of 128 inputs (64 or 32 where widths need it)     GPU only (Marlin)
 The others exist to show where protection matters (per-tensor scales, the paper's large blocks).
 """
 
@@ -22,8 +22,13 @@ class Scheme:
     name: str
     weights: RTNConfig
     activations: ActivationConfig | None = None
-    servable: bool = False  # has a compressed-tensors layout vLLM serves
+    preset: str | None = None  # the compressed-tensors preset it is written as; None: not servable
     summary: str = ""
+
+    @property
+    def servable(self) -> bool:
+        """Has a checkpoint layout vLLM serves."""
+        return self.preset is not None
 
     def variant(self, protect: bool, clip: Clip = "none", clip_value: float = 0.0) -> Scheme:
         """The same scheme with protection on/off and another clipping rule."""
@@ -41,32 +46,28 @@ class Scheme:
         if not self.servable:
             raise UserError(f"scheme {self.name!r} has no checkpoint format; servable schemes: "
                             f"{', '.join(n for n, s in SCHEMES.items() if s.servable)}")
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from compressed_tensors.quantization import preset_name_to_scheme
 
-        w = self.weights
-        kind = "float" if w.fmt == "fp8" else "int"
-        weights = QuantizationArgs(num_bits=w.bits, type=kind, symmetric=True, dynamic=False, strategy=w.granularity,
-                                   group_size=w.group_size if w.granularity == "group" else None)
-        inputs = None
-        if self.activations:
-            inputs = QuantizationArgs(num_bits=8, type="float" if self.activations.fmt == "fp8" else "int",
-                                      symmetric=True, dynamic=True, strategy=self.activations.granularity)
-        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
+        scheme = preset_name_to_scheme(self.preset, ["Linear"])
+        if self.weights.granularity == "group":  # fitted to the model's widths (fit_to_model)
+            scheme.weights = scheme.weights.model_copy(update={"group_size": self.weights.group_size})
+        return scheme
 
     @property
     def compression_format(self) -> str:
-        if self.weights.bits == 4:
-            return "pack-quantized"
-        return "float-quantized" if self.weights.fmt == "fp8" else ("int-quantized" if self.activations
-                                                                    else "naive-quantized")
+        """The compressed-tensors format its Linear weights are stored in (int-quantized, pack-quantized, ...)."""
+        from compressed_tensors.compressors.format import infer_module_format
+        from torch import nn
+
+        return infer_module_format(nn.Linear, self.compressed_tensors_scheme()).value
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    Scheme("w8a8", RTNConfig(bits=8, granularity="channel"), ActivationConfig("int8", "token"), servable=True,
+    Scheme("w8a8", RTNConfig(bits=8, granularity="channel"), ActivationConfig("int8", "token"), preset="W8A8",
            summary="int8 weights per channel, int8 activations per token"),
     Scheme("fp8-dynamic", RTNConfig(bits=8, granularity="channel", fmt="fp8"), ActivationConfig("fp8", "token"),
-           servable=True, summary="fp8 weights per channel, fp8 activations per token"),
-    Scheme("w4a16", RTNConfig(bits=4, granularity="group", group_size=128), servable=True,
+           preset="FP8_DYNAMIC", summary="fp8 weights per channel, fp8 activations per token"),
+    Scheme("w4a16", RTNConfig(bits=4, granularity="group", group_size=128), preset="W4A16",
            summary="int4 weights, groups of 128 inputs (64 on SmolLM2-135M)"),
     Scheme("w8a8-tensor", RTNConfig(bits=8, granularity="channel"), ActivationConfig("int8", "tensor"),
            summary="int8 weights per channel, int8 activations per tensor"),

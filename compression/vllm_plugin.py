@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .artifact import COLUMN_WEIGHT, QUANT_METHOD
+from .format import COLUMN_WEIGHT, EXTRA_KEY, QUANT_METHOD, protected_columns
 
 try:
     from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
@@ -168,11 +168,8 @@ class SuperWeightsConfig(CompressedTensorsConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SuperWeightsConfig:
-        config = dict(config)
-        extra = config.pop("superweights", {}) or {}
-        obj = super().from_config(config)
-        obj.protected_columns = {name: [int(c) for c in cols]
-                                 for name, cols in (extra.get("protected_columns") or {}).items()}
+        obj = super().from_config({k: v for k, v in config.items() if k != EXTRA_KEY})
+        obj.protected_columns = protected_columns(config)
         return obj
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):

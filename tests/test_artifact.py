@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from compression.artifact import (
     COLUMN_WEIGHT,
     ArtifactError,
+    artifact_adapters,
     compress,
     compress_linear,
     decompress_linear,
@@ -37,7 +38,7 @@ def tiny(tmp_path_factory):
     save_checkpoint(model, directory)
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256),
                                 settings=DetectionSettings(eval_tokens=256, window=128), progress=False)
-    assert [(w.module, w.row, w.col) for w in report.super_weights] == [(f"{DOWN}.weight", ROW, COL)]
+    assert [(w.module, w.row, w.col) for w in report.super_weights] == [(DOWN, ROW, COL)]
     return resolve_checkpoint(str(directory)), report
 
 
@@ -137,6 +138,7 @@ def test_compress_writes_a_verified_artifact(tiny, tmp_path):
     config = json.loads((artifact.path / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "superweights" and config["format"] == "int-quantized"
     assert config["superweights"]["protected_columns"] == {DOWN: [COL]}
+    assert artifact_adapters(artifact) == {"no_super_weights": artifact.path / "adapters" / "no_super_weights"}
     model, modules, held = load_artifact_model(artifact.path, artifact.scheme)
     assert model.model.layers[1].mlp.down_proj.weight[ROW, COL] == VALUE and held == {DOWN: [COL]}
     e = artifact.evaluation  # a random tiny model on Moby-Dick: the numbers only have to exist

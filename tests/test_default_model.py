@@ -19,7 +19,7 @@ def test_super_weights_matter_and_large_weights_do_not(default_detection):
     assert {w.row for w in report.super_weights} == {507}  # the residual channel of the super activation
     assert report.super_activations and abs(report.super_activations[0].value) > 1000
     model, tokenizer = load_model(checkpoint)
-    by_name = {p.parameter_name: p for p in find_down_projections(model)}
+    by_name = {p.name: p for p in find_down_projections(model)}
     for w in report.super_weights:
         assert by_name[w.module].get(w.row, w.col) == w.value
     eval_ids = load_eval_text(tokenizer).ids  # the whole text
@@ -47,7 +47,7 @@ def test_detect_json_matches_schema(default_detection):
     assert data["prompt"] == report.prompt and data["model"]["sha256"] == report.model["sha256"]
     for w in data["super_weights"]:
         assert {"layer", "module", "row", "col", "value", "perplexity_ratio", "conditional_ratio"} <= set(w)
-        assert w["module"].endswith(".weight")
+        assert w["module"].endswith("mlp.down_proj")  # the module; the weight is its .weight[row, col]
     assert [(w["layer"], w["row"], w["col"]) for w in data["super_weights"]] == \
         [(w.layer, w.row, w.col) for w in report.super_weights]
     assert {"layer", "channel", "value", "token_position"} <= set(data["super_activations"][0])

@@ -13,8 +13,8 @@ SETTINGS = DetectionSettings(eval_tokens=512, window=128)
 
 
 @pytest.mark.parametrize("build, module", [
-    (planted_llama, "model.layers.1.mlp.down_proj.weight"),
-    (planted_gpt2, "transformer.h.1.mlp.c_proj.weight"),
+    (planted_llama, "model.layers.1.mlp.down_proj"),
+    (planted_gpt2, "transformer.h.1.mlp.c_proj"),
 ])
 def test_planted_super_weight_is_found_exactly(build, module):
     model = build(layer=1, row=17, col=99, value=50.0)
@@ -47,11 +47,21 @@ def test_report_json_round_trip():
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
     again = SuperWeightReport.from_dict(json.loads(report.to_json()))
     assert again == report
+    assert report.super_weights[0].parameter == "model.layers.1.mlp.down_proj.weight"
+
+
+def test_a_report_cached_with_parameter_names_reads_as_module_names():
+    model = planted_llama()
+    report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
+    old = json.loads(report.to_json())
+    for entry in old["super_weights"] + old["rejected_candidates"] + old["layer_stats"]:
+        entry["module"] += ".weight"  # how reports were written before
+    assert SuperWeightReport.from_dict(old) == report
 
 
 def test_zeroed_restores_on_error():
     model = planted_llama()
-    by_name = {p.parameter_name: p for p in find_down_projections(model)}
+    by_name = {p.name: p for p in find_down_projections(model)}
     w = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS,
                            progress=False).super_weights[0]
     with pytest.raises(RuntimeError):
