@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.run_all import prompts
-from benchmarks.serving import RunningServer, run_level, server_specs
+from benchmarks.common import RunningServer, prompts, run_level, server_spec
 from compression.models import load_model
 from compression.pipeline import detect
 
@@ -24,17 +22,18 @@ async def main() -> None:
     checkpoint, _ = detect(None, progress=False)
     _, tokenizer = load_model(checkpoint)
     prompt_set = prompts(tokenizer)
-    (spec,) = server_specs(Path(checkpoint.path), ["ours"])
+    spec = server_spec(Path(checkpoint.path), "ours")
     server = RunningServer(spec, Path("/tmp"))
     raw = Path("/tmp/superweights-ours.prof")
     try:
         await server.wait_ready()
         client = server.client()
         await client.stream(prompt_set[0], 8)
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid),
-                                "--duration", "20", "--format", "raw", "-o", str(raw), "--nonblocking"])
+        spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid),
+            "--duration", "20", "--format", "raw", "-o", str(raw), "--nonblocking")
         level = await run_level(server, client, prompt_set, 8, 3, 64)
-        spy.wait()
+        await spy.wait()
         await client.close()
     finally:
         server.stop()

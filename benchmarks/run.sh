@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pip install --quiet "smg-grpc-servicer==0.14.1" "aiohttp>=3.9" "psutil>=5.9" \
   2> >(grep -v "is ignored" >&2)  # the `bench` extra, without re-resolving the engine
-exec .venv/bin/python -m benchmarks.run_all "$@"
+.venv/bin/python -m benchmarks.run_all "$@"  # measures, writes benchmarks/results.json
+exec .venv/bin/python -m benchmarks.report  # renders BENCHMARKS.md and the plots from every saved result

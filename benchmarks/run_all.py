@@ -1,4 +1,6 @@
-"""Run every benchmark in one go and write BENCHMARKS.md, benchmarks/results.json and the plots.
+"""The CPU benchmarks in one go: every server under load, the A/B and detection cost, the machine's limits.
+
+Writes benchmarks/results.json; benchmarks/run.sh then renders BENCHMARKS.md from it (benchmarks/report.py).
 
     bash benchmarks/run.sh            # all of it (about 25 minutes on the 2-core development machine)
     bash benchmarks/run.sh --quick    # concurrency 1 and 8 only, fewer tokens: a smoke run
@@ -18,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.serving import RunningServer, run_level, server_specs
+from benchmarks.common import prompts, serve_and_measure, server_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks"
+OUT = Path(__file__).resolve().parent
 SERVERS = ["ours", "vllm-openai", "vllm-grpc", "vllm-openai-nolora"]
 
 
@@ -43,78 +44,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def prompts(tokenizer, n: int = 8, length: int = 32) -> list[list[int]]:
-    from compression.evaluation import load_eval_text
-
-    ids = load_eval_text(tokenizer).ids.tolist()
-    return [ids[i * 200: i * 200 + length] for i in range(n)]
-
-
-async def serve_and_measure(name: str, checkpoint: Path, prompt_set, levels, tokens, log_dir, ab: bool) -> dict:
-    (spec,) = server_specs(checkpoint, [name])
-    server = RunningServer(spec, log_dir)
-    out = {"server": name, "levels": [], "command": " ".join(spec.command)}
-    try:
-        out["startup_seconds"] = await server.wait_ready()
-        client = server.client()
-        for p in prompt_set[:2]:  # warm-up
-            await client.stream(p, 16)
-        for concurrency in levels:
-            per_client = 4 if concurrency == 1 else 2
-            level = await run_level(server, client, prompt_set, concurrency, per_client, tokens)
-            out["levels"].append(level.summary())
-            print(json.dumps(out["levels"][-1]), flush=True)
-        if ab:
-            out["ab"] = await ab_cost(spec.port, prompt_set[0], tokens)
-        await client.close()
-    except Exception as e:
-        out["error"] = f"{type(e).__name__}: {e}"
-        print(f"{name}: {out['error']}", flush=True)
-    finally:
-        server.stop()
-    return out
-
-
-async def ab_cost(port: int, prompt_ids: list[int], tokens: int, repeats: int = 3) -> dict:
-    """CompareGenerations with two arms against one Generate of the same length and two sequential ones."""
-    import grpc
-
-    from superweights.v1 import superweights_pb2 as pb
-    from superweights.v1 import superweights_pb2_grpc as pb_grpc
-
-    sampling = pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.SuperWeightServiceStub(channel)
-
-        async def generate():
-            async for _ in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling)):
-                pass
-
-        async def compare():
-            await stub.CompareGenerations(pb.CompareRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling))
-
-        async def two_generates():
-            await generate()
-            await generate()
-
-        timings = {}
-        for label, fn in (("one_generate", generate), ("compare_two_arms", compare), ("two_generates", two_generates)):
-            values = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                await fn()
-                values.append(time.perf_counter() - t0)
-            timings[label] = statistics.median(values)
-    return timings
-
-
 def detection_cost() -> dict:
     from compression.detect import DEFAULT_PROMPT
     from compression.models import load_model, resolve_checkpoint
 
     t0 = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "superweights"), "-q", "detect", "--no-cache", "--json"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     detect_seconds = time.perf_counter() - t0
     model, tokenizer = load_model(resolve_checkpoint())
     ids = torch.tensor([tokenizer(DEFAULT_PROMPT)["input_ids"]])
@@ -175,18 +111,15 @@ def main() -> None:
     log_dir = OUT / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    results = {"machine": machine(), "workload": {"levels": levels, "output_tokens": tokens, "prompt_tokens": 32,
-                                                  "prompts": len(prompt_set)}}
-    results["servers"] = [asyncio.run(serve_and_measure(name, Path(checkpoint.path), prompt_set, levels, tokens,
-                                                        log_dir, ab=name == "ours"))
-                          for name in args.servers]
+    results = {"machine": machine(), "workload": {"levels": levels, "output_tokens": tokens,
+                                                  "prompt_tokens": len(prompt_set[0]), "prompts": len(prompt_set)}}
+    results["servers"] = [asyncio.run(serve_and_measure(
+        server_spec(Path(checkpoint.path), name), prompt_set, levels, tokens, log_dir,
+        per_client=lambda concurrency: 4 if concurrency == 1 else 2, ab=name == "ours")) for name in args.servers]
     results["detection"] = detection_cost()
     results["limits"] = machine_limits(weight_bytes, params)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    from benchmarks.report import write_report
-
-    write_report(results, ROOT / "BENCHMARKS.md", OUT)
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    print(f"wrote {OUT / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ async def run(concurrency: int = 8, tokens: int = 64, rounds: int = 2) -> None:
 
     async def one(lora) -> int:
         n = 0
-        stream = engine.engine.generate(await engine._engine_input(prompt), engine._sampling_params(sampling),
+        stream = engine.engine.generate(await engine._engine_input(prompt), engine.sampling_params(sampling),
                                         f"r{time.perf_counter_ns()}-{id(lora)}-{n}", lora_request=lora)
         async for out in stream:
             n += len(out.outputs[0].token_ids)
@@ -32,8 +32,8 @@ async def run(concurrency: int = 8, tokens: int = 64, rounds: int = 2) -> None:
 
     rates: dict[str, list[float]] = {}
     try:
-        for label, lora in (("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine._lora(BASE)),
-                            ("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine._lora(BASE))):
+        for label, lora in (("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine.resolve(BASE).lora),
+                            ("no adapter (unsafe on CPU)", None), ("zero adapter (ours)", engine.resolve(BASE).lora)):
             await asyncio.gather(*(one(lora) for _ in range(2)))  # warm-up
             t0 = time.perf_counter()
             total = 0

