@@ -1,14 +1,17 @@
-"""Start everything: report, engine, self-check, gRPC server (+ health, reflection, auth, TLS), metrics, canary.
-Shutdown: signal -> event -> health NOT_SERVING -> `server.stop(grace)` -> canary stop -> engine shutdown."""
+"""Start everything: gRPC server (+ health, reflection, auth, TLS) and metrics bound first, then report, engine,
+self-check, canary, engine watchdog; health SERVING last. Every resource registers its teardown as it starts
+(one AsyncExitStack), so a failure half-way leaves nothing running.
+Shutdown: signal or dead engine -> health NOT_SERVING -> `grpc.stop(grace)` -> the rest in reverse."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -38,22 +41,22 @@ class StartupError(UserError):
 @dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)  # its checkpoint is set once the model resolves
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400  # 0: no metrics endpoint
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    engine_options: dict = field(default_factory=dict)
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
+    max_message_bytes: int = 4 * 2**20  # grpc.max_receive_message_length; larger requests: RESOURCE_EXHAUSTED
     auth_tokens: tuple[str, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    reflection: bool = True
     grace_seconds: float = 30.0
     canary_interval: float = 60.0
+    watchdog_interval: float = 0.5  # seconds between checks that the engine core is alive
     prompt: str = DEFAULT_PROMPT
-    detection: DetectionSettings = DetectionSettings()
+    detection: DetectionSettings = field(default_factory=DetectionSettings)
     eval_text: Path | None = None
     # relative; engine against offline float32 perplexity on the report's text. None: 2% when serving float32,
     # 10% in 16-bit (bfloat16 rounding alone moves a 135M model's perplexity by a few percent)
@@ -101,35 +104,64 @@ def _read(path: Path | None, what: str) -> bytes | None:
         raise StartupError(f"cannot read the {what} {path}: {e.strerror}") from e
 
 
+def _check_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on, with our message rather than gRPC core's log line."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; check --host") from e
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: only a live listener conflicts
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; choose another with --port/--host "
+                               f"or stop the other server") from e
+
+
 def bind(server: grpc.aio.Server, config: ServeConfig) -> int:
     address = f"{config.host}:{config.port}"
-    if config.tls_cert or config.tls_key:
-        if not (config.tls_cert and config.tls_key):
-            raise StartupError("TLS needs both --tls-cert and --tls-key")
-        credentials = grpc.ssl_server_credentials(
-            [(_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))],
-            root_certificates=_read(config.tls_client_ca, "client CA"),
-            require_client_auth=config.tls_client_ca is not None)
-        port = server.add_secure_port(address, credentials)
-    else:
-        if config.tls_client_ca:
-            raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
-        port = server.add_insecure_port(address)
+    _check_free(config.host, config.port)
+    try:
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise StartupError("TLS needs both --tls-cert and --tls-key")
+            credentials = grpc.ssl_server_credentials(
+                [(_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))],
+                root_certificates=_read(config.tls_client_ca, "client CA"),
+                require_client_auth=config.tls_client_ca is not None)
+            port = server.add_secure_port(address, credentials)
+        else:
+            if config.tls_client_ca:
+                raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
+            port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises on a failed bind; older releases return 0
+        raise StartupError(f"cannot listen on {address}: the port is taken or the address is not this "
+                           f"machine's; choose another with --port/--host") from e
     if port == 0:
-        raise StartupError(f"cannot listen on {address}")
+        raise StartupError(f"cannot listen on {address}: the port is taken or the address is not this machine's; "
+                           f"choose another with --port/--host")
     return port
 
 
 def resolve_model(config: ServeConfig):
-    """(checkpoint, report) to serve: a `superweights compress` artifact, verified against its manifest and
-    held to its own offline evaluation, or any other source with its (cached) detection report."""
-    from compression.artifact import artifact_checkpoint, is_artifact, open_artifact, served_report
+    """(checkpoint, report, adapters) to serve: a `superweights compress` artifact, verified against its manifest
+    and held to its own offline evaluation, with its own adapters; or any other source with its (cached)
+    detection report, whose adapters the engine writes."""
+    from compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
     from compression.pipeline import detect
 
     if is_artifact(config.model):
         artifact = open_artifact(config.model)
-        return artifact_checkpoint(artifact), served_report(artifact)
-    return detect(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
+        return artifact_checkpoint(artifact), served_report(artifact), artifact_adapters(artifact)
+    checkpoint, report = detect(config.model, prompt=config.prompt, settings=config.detection,
+                                eval_path=config.eval_text)
+    return checkpoint, report, {}
 
 
 def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> dict:
@@ -142,7 +174,7 @@ def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> di
                 f"{quant_config['superweights']['scheme']} ({quant_config.get('format')}, unprotected)"
     return {"model_name": checkpoint.name, "model_sha256": checkpoint.sha256, "checkpoint": Path(checkpoint.path).name,
             "dtype": engine.dtype, "quantization": quant, "engine": installed_engine(),
-            "device": "cpu" if engine.cpu else "cuda", "max_model_len": config.max_model_len,
+            "device": "cpu" if engine.cpu else "cuda", "max_model_len": engine.config.max_model_len,
             "max_tokens_limit": config.limits.max_tokens}
 
 
@@ -173,9 +205,9 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: l
     report = engine.report
     eval_ids = eval_ids[: report.eval["tokens"]]
     window = report.eval["window"]
-    variants = engine.variants if report.super_weights else ["base"]
-    served = dict(zip(variants, await asyncio.gather(*(engine.perplexity(eval_ids, v, window)
-                                                       for v in variants))))
+    variants = [engine.resolve(name) for name in engine.fixed_variants]
+    served = dict(zip(engine.fixed_variants, await asyncio.gather(*(engine.perplexity(eval_ids, v, window)
+                                                                    for v in variants))))
     offline = report.eval["baseline_perplexity"]
     drift = abs(served["base"] / offline - 1)
     tolerance = config.self_check_tolerance or (0.02 if engine.dtype == "float32" else 0.10)
@@ -196,7 +228,8 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: l
 
 
 class Server:
-    """A running superweights server; `await Server.start(config)`, then `await server.wait()`."""
+    """A running superweights server: `await Server(config).start()`, then `await server.wait()`;
+    `server.exit_code` says how it ended (0: asked to stop; 1: the engine died)."""
 
     def __init__(self, config: ServeConfig, registry: CollectorRegistry = REGISTRY):
         self.config = config
@@ -205,89 +238,145 @@ class Server:
         self.engine: SuperWeightEngine | None = None
         self.grpc: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
+        self.service: SuperWeightService | None = None
+        self.canary: Canary | None = None
         self.port = 0
         self.metrics_port = 0
-        self.canary: Canary | None = None
-        self.service: SuperWeightService | None = None
+        self.exit_code = 0
+        self._stack = contextlib.AsyncExitStack()
+        self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
 
     async def start(self) -> Server:
-        config = self.config
-        checkpoint, report = await asyncio.to_thread(resolve_model, config)
-        self.metrics.super_weights.set(len(report.super_weights))
-        self.metrics.engine_unfinished.set_function(
-            lambda: self.engine.num_unfinished_requests() if self.engine is not None else 0)
-        engine_config = EngineConfig(checkpoint=Path(checkpoint.path), device=config.device, dtype=config.dtype,
-                                     max_model_len=config.max_model_len, engine_options=config.engine_options)
-        self.engine = SuperWeightEngine(engine_config, report)
-        if config.metrics_port:
-            _, self.metrics_port = _start_metrics(config.host, config.metrics_port, self.registry)
         try:
-            await self.engine.start()
-            eval_ids = load_eval_text(self.engine.tokenizer, config.eval_text).ids.tolist()
-            served = await self_check(self.engine, config, eval_ids)
+            await self._start()
         except BaseException:
-            await self.engine.shutdown()
+            await self._stack.aclose()
             raise
-        info = model_info(self.engine, config, checkpoint)
-        self.service = SuperWeightService(self.engine, self.metrics, config.limits, info)
-        interceptors = [TokenAuth(config.auth_tokens, self.metrics)] if config.auth_tokens else []
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_SuperWeightServiceServicer_to_server(self.service, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        return self
+
+    async def _start(self) -> None:
+        config = self.config
+        # ports first: a taken port fails in a second, before minutes of engine start
+        self.service = SuperWeightService(self.metrics, config.limits)
+        self.grpc = self._grpc_server()
         self.port = bind(self.grpc, config)
+        self._stack.push_async_callback(self.grpc.stop, 0)
+        if config.metrics_port:
+            httpd = _start_metrics(config.host, config.metrics_port, self.registry)
+            self._stack.callback(_stop_metrics, httpd)
+            self.metrics_port = httpd.server_port
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
-        self.canary = Canary(self.engine, self.metrics, eval_ids[: config.detection.window], interval=config.canary_interval,
-                             window=config.detection.window)
+        log.info("listening on %s:%d (NOT_SERVING until the engine is ready), metrics on :%s", config.host,
+                 self.port, self.metrics_port or "off")
+
+        checkpoint, report, adapters = await asyncio.to_thread(resolve_model, config)
+        self.metrics.super_weights.set(len(report.super_weights))
+        engine_config = replace(config.engine, checkpoint=Path(checkpoint.path), engine_options={
+            "served_model_name": checkpoint.name, **config.engine.engine_options})
+        self.engine = SuperWeightEngine(engine_config, report, adapters)
+        self._stack.push_async_callback(self.engine.shutdown)
+        self.metrics.engine_unfinished.set_function(self.engine.num_unfinished_requests)
+        await self.engine.start()
+        eval_ids = load_eval_text(self.engine.tokenizer, config.eval_text).ids.tolist()
+        served = await self_check(self.engine, config, eval_ids)
+
+        self.service.open(self.engine, model_info(self.engine, config, checkpoint))
+        window = report.eval["window"]
+        self.canary = Canary(self.engine, self.metrics, eval_ids[:window], interval=config.canary_interval,
+                             window=window)
         for variant, value in served.items():
             self.metrics.canary_perplexity.labels(variant).set(value)
         self.canary.start()
+        self._stack.push_async_callback(self.canary.stop)
+        watchdog = asyncio.create_task(self._watch_engine(), name="superweights-engine-watchdog")
+        self._stack.callback(watchdog.cancel)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d, variants %s", checkpoint.name, config.host, self.port,
+                 ", ".join(self.engine.variants))
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        config = self.config
+        interceptors = [TokenAuth(config.auth_tokens, self.metrics)] if config.auth_tokens else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", 4 * config.max_message_bytes)])
+        pb_grpc.add_SuperWeightServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (metrics on :%s), variants %s", checkpoint.name, config.host, self.port,
-                 self.metrics_port or "off", ", ".join(self.engine.variants))
-        return self
+            await self.health.set(name, status)
+
+    async def _watch_engine(self) -> None:
+        """A dead engine core makes the server NOT_SERVING at once and ends the process with status 1, so an
+        orchestrator restarts it; calls in flight get UNAVAILABLE from the engine wrapper."""
+        while self.engine.alive:
+            await asyncio.sleep(self.config.watchdog_interval)
+        log.error("the engine has died: health NOT_SERVING, shutting down with exit status 1")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.request_stop(exit_code=1)
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        self.exit_code = max(self.exit_code, exit_code)
+        self._stop_requested.set()
 
     async def stop(self) -> None:
-        """Graceful and idempotent: refuse new calls, let in-flight ones finish within the grace period."""
+        """Graceful and idempotent: refuse new calls, let in-flight ones finish within the grace period, then
+        tear down the rest in reverse order of start."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         log.info("shutting down: in-flight calls get %.0f s", self.config.grace_seconds)
-        if self.health is not None:
-            await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         if self.service is not None:
             self.service.accepting = False
         if self.canary is not None:  # not client traffic: it should not compete with the calls finishing
             await self.canary.stop()
         if self.grpc is not None:
             await self.grpc.stop(self.config.grace_seconds)
-        if self.engine is not None:
-            await self.engine.shutdown()
+        await self._stack.aclose()
         self._stopped.set()
 
     async def wait(self) -> None:
-        await self._stopped.wait()
+        """Until stop() finished, or a stop was requested (a signal, a dead engine), in which case stop it."""
+        stop_requested = asyncio.create_task(self._stop_requested.wait())
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait({stop_requested, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_requested.cancel()
+            stopped.cancel()
+        await self.stop()
 
 
-def _start_metrics(host: str, port: int, registry) -> tuple[object, int]:
+def _start_metrics(host: str, port: int, registry):
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:
-        raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from e
-    return server, server.server_port
+        raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}; choose another with "
+                           f"--metrics-port (0: none)") from e
+    return server
 
 
-async def run(config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT."""
+def _stop_metrics(server) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+async def run(config: ServeConfig) -> int:
+    """Run until SIGTERM or SIGINT (exit status 0) or until the engine dies (1)."""
     server = Server(config)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.request_stop)
     await server.start()
-    await stop.wait()
-    await server.stop()
+    await server.wait()
+    return server.exit_code

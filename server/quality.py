@@ -12,8 +12,6 @@ from .engine import TokenChoice
 
 log = logging.getLogger(__name__)
 
-
-
 def topk(choice: TokenChoice) -> dict[int, float]:
     """A generated token's top-k alternatives as {token_id: logprob}."""
     return {tid: lp for tid, _, lp in choice.top}
@@ -51,7 +49,8 @@ class DivergenceResult:
 
 def divergence(reference: list[TokenChoice], forced: list[dict[int, float]], ref_ids: list[int],
                arm_ids: list[int]) -> DivergenceResult:
-    """Compare an arm with the reference arm.
+    """Compare an arm with the reference arm. Top-1 agreement and KL average over every position of the
+    reference continuation (the arm teacher-forced on it), so they are defined past the first difference too.
 
     Args:
         reference: the reference arm's generated tokens with their top-k.
@@ -70,28 +69,26 @@ def divergence(reference: list[TokenChoice], forced: list[dict[int, float]], ref
 
 
 class Canary:
-    """Every `interval` seconds, the perplexity of a fixed probe text per variant, through the engine itself.
+    """Every `interval` seconds, the perplexity of a fixed probe text per fixed variant, through the engine.
 
     It runs as ordinary engine requests beside live traffic, so it never blocks serving; its results go to
-    `superweights_canary_perplexity{variant}` and `latest`.
+    `superweights_canary_perplexity{variant}`.
     """
 
     def __init__(self, engine, metrics, probe_ids: list[int], interval: float = 60.0, window: int = 512):
         self.engine, self.metrics, self.probe_ids = engine, metrics, probe_ids
         self.interval, self.window = interval, window
-        self.latest: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
     async def measure(self) -> dict[str, float]:
-        variants = [v for v in self.engine.variants if not v.startswith("scaled_")]
+        variants = [self.engine.resolve(name) for name in self.engine.fixed_variants]
         values = await asyncio.gather(*(self.engine.perplexity(self.probe_ids, v, self.window) for v in variants))
-        self.latest = dict(zip(variants, values))
-        for variant, value in self.latest.items():
-            self.metrics.canary_perplexity.labels(variant).set(value)
+        measured = {v.name: value for v, value in zip(variants, values)}
+        for name, value in measured.items():
+            self.metrics.canary_perplexity.labels(name).set(value)
         self.metrics.canary_last_run.set(time.time())
         self.metrics.canary_runs.labels("ok").inc()
-        return self.latest
-
+        return measured
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)

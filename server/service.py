@@ -16,23 +16,28 @@ from compression.evaluation import stop_word_ids
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
+from .ab import CompareResult, compare
 from .engine import (
     BASE,
     MAX_LOGPROBS,
     REMOVED,
     Chunk,
     EngineError,
+    InvalidRequestError,
     Sampling,
     SuperWeightEngine,
     UnknownVariantError,
+    VariantsBusyError,
 )
-from .metrics import Metrics, variant_label
-from .quality import divergence, stop_word_mass, topk
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 MAX_ALPHAS = 4
 ALPHA_RANGE = (-16.0, 16.0)
+MAX_TEMPERATURE = 2.0  # vLLM's own bound
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
 
 
 class RequestError(Exception):
@@ -62,8 +67,8 @@ def sampling_from_proto(msg: pb.SamplingParams, limits: Limits) -> Sampling:
     if not 1 <= max_tokens <= limits.max_tokens:
         raise invalid(f"sampling.max_tokens must be between 1 and {limits.max_tokens}, got {msg.max_tokens}")
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise invalid(f"sampling.temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise invalid(f"sampling.temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature}")
     top_p = msg.top_p if msg.HasField("top_p") else 1.0
     if not (0 < top_p <= 1):
         raise invalid(f"sampling.top_p must be in (0, 1], got {top_p}")
@@ -71,8 +76,10 @@ def sampling_from_proto(msg: pb.SamplingParams, limits: Limits) -> Sampling:
         raise invalid(f"sampling.top_k must be -1 or 0 (disabled) or >= 1, got {msg.top_k}")
     if not 0 <= msg.logprobs <= MAX_LOGPROBS:
         raise invalid(f"sampling.logprobs must be between 0 and {MAX_LOGPROBS}, got {msg.logprobs}")
-    if any(not s for s in msg.stop):
-        raise invalid("sampling.stop must not contain empty strings")
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise invalid(f"sampling.stop has {len(msg.stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in msg.stop):
+        raise invalid(f"sampling.stop strings must be 1 to {MAX_STOP_CHARS} characters long")
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(msg.top_k, 0),
                     seed=msg.seed if msg.HasField("seed") else None, stop=tuple(msg.stop), logprobs=msg.logprobs,
                     ignore_eos=msg.ignore_eos)
@@ -140,6 +147,15 @@ def report_to_proto(report, engine_values: list[float] | None = None) -> pb.Supe
         report_json=report.to_json())
 
 
+def compare_to_proto(result: CompareResult) -> pb.CompareResponse:
+    return pb.CompareResponse(
+        arms=[pb.ArmResult(variant=a.variant.name, text=a.text, token_ids=a.token_ids, tokens=tokens_to_proto(a.tokens),
+                           finish_reason=a.finish_reason, stop_word_mass=a.stop_word_mass) for a in result.arms],
+        divergence=[pb.Divergence(variant=v.name, first_differing_token=d.first_differing_token,
+                                  top1_agreement=d.top1_agreement, mean_kl_topk=d.mean_kl_topk)
+                    for v, d in result.divergences])
+
+
 class Admission:
     """At most `max_concurrent` engine-bound RPCs run; up to `max_queue` more wait; beyond that, refuse."""
 
@@ -170,13 +186,24 @@ class Admission:
             self._admitted -= 1
 
 
+STATUS = {UnknownVariantError: grpc.StatusCode.INVALID_ARGUMENT, InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+          VariantsBusyError: grpc.StatusCode.RESOURCE_EXHAUSTED, EngineError: grpc.StatusCode.UNAVAILABLE}
+
+
 class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
-    def __init__(self, engine: SuperWeightEngine, metrics: Metrics, limits: Limits, model_info: dict):
-        self.engine, self.metrics, self.limits = engine, metrics, limits
-        self.model_info = model_info
+    """Answers UNAVAILABLE until `open` hands it a started engine, and again once `accepting` is False."""
+
+    def __init__(self, metrics: Metrics, limits: Limits):
+        self.metrics, self.limits = metrics, limits
         self.admission = Admission(limits, metrics)
-        self.stop_ids = stop_word_ids(lambda s: engine.tokenize(s))
+        self.engine: SuperWeightEngine | None = None
+        self.model_info: dict = {}
+        self.stop_ids: frozenset[int] = frozenset()
         self.accepting = True
+
+    def open(self, engine: SuperWeightEngine, model_info: dict) -> None:
+        self.engine, self.model_info = engine, model_info
+        self.stop_ids = stop_word_ids(lambda text: engine.tokenize(text, special=False))
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
@@ -187,15 +214,14 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
         try:
             if not self.accepting:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            if self.engine is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is starting: the engine is not ready yet")
             yield
         except RequestError as e:
             code = e.code
             await context.abort(e.code, str(e))
-        except UnknownVariantError as e:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(e))
-        except EngineError as e:
-            code = grpc.StatusCode.UNAVAILABLE
+        except (UnknownVariantError, InvalidRequestError, VariantsBusyError, EngineError) as e:
+            code = STATUS[type(e)]
             await context.abort(code, str(e))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -212,15 +238,10 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - start)
 
-    def _variant(self, name: str) -> str:
-        variant = name or BASE
-        self.engine.check_variant(variant)
-        return variant
-
     async def Generate(self, request: pb.GenerateRequest, context):
         async with self._rpc("Generate", context):
             sampling = sampling_from_proto(request.sampling, self.limits)
-            variant = self._variant(request.variant)
+            variant = self.engine.resolve(request.variant)
             ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
             start, first = time.perf_counter(), True
             async with self.admission.slot():
@@ -229,9 +250,7 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
                         self.metrics.time_to_first_token.labels("Generate").observe(time.perf_counter() - start)
                         first = False
                     if chunk.finish_reason:
-                        label = variant_label(variant)
-                        self.metrics.prompt_tokens.labels(label).inc(chunk.prompt_tokens)
-                        self.metrics.completion_tokens.labels(label).inc(chunk.completion_tokens)
+                        self.metrics.count_tokens(variant, chunk.prompt_tokens, chunk.completion_tokens)
                     await context.write(chunk_to_proto(chunk))
 
     async def GetSuperWeights(self, request, context):
@@ -242,58 +261,22 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
         async with self._rpc("GetModelInfo", context):
             return pb.ModelInfo(variants=self.engine.variants, **self.model_info)
 
-    async def _run_arm(self, ids: list[int], sampling: Sampling, variant: str):
-        text, token_ids, tokens, finish = [], [], [], ""
-        async for chunk in self.engine.generate(ids, sampling, variant):
-            text.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-            tokens.extend(chunk.tokens)
-            finish = chunk.finish_reason or finish
-        label = variant_label(variant)
-        self.metrics.prompt_tokens.labels(label).inc(len(ids))
-        self.metrics.completion_tokens.labels(label).inc(len(token_ids))
-        return "".join(text), token_ids, tokens, finish
-
     async def CompareGenerations(self, request: pb.CompareRequest, context):
         async with self._rpc("CompareGenerations", context):
-            if not self.engine.report.super_weights:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   "this model has no confirmed super weights: there is nothing to compare")
             sampling = sampling_from_proto(request.sampling, self.limits)
-            # every arm returns top-k so that stop-word mass and divergence can be measured
-            sampling = Sampling(**{**sampling.__dict__, "logprobs": max(sampling.logprobs, MAX_LOGPROBS)})
-            variants = [self._variant(v) for v in request.variants] or [BASE, REMOVED]
+            names = list(request.variants) or ([BASE, REMOVED] if self.engine.report.super_weights else [BASE])
+            if not self.engine.report.super_weights and (set(names) - {BASE, ""} or request.alphas):
+                raise invalid("this model has no confirmed super weights: it serves only 'base', so there is no "
+                              "removal or scaled arm to compare (see GetSuperWeights for the rejected candidates)")
+            variants = [self.engine.resolve(n) for n in names]
             if len(request.alphas) > MAX_ALPHAS:
                 raise invalid(f"at most {MAX_ALPHAS} alphas per compare, got {len(request.alphas)}")
             for alpha in request.alphas:
                 if not (math.isfinite(alpha) and ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]):
                     raise invalid(f"alphas must be finite and within {ALPHA_RANGE}, got {alpha}")
             ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
-            async with self.admission.slot():
-                variants += [await self.engine.scaled_variant(a) for a in request.alphas]
-                variants = list(dict.fromkeys(variants))
-                arms = await asyncio.gather(*(self._run_arm(ids, sampling, v) for v in variants))
-                reference = arms[0]
-                forced = await asyncio.gather(*(self.engine.forced_topk(ids, reference[1], v, MAX_LOGPROBS)
-                                                for v in variants[1:]))
-            # stop-word mass per arm on one shared context: the first arm's continuation (its own top-k for it,
-            # teacher-forced top-k for the others), so the arms are compared on the same text
-            contexts = [[topk(t) for t in reference[2]]] + list(forced)
-            response = pb.CompareResponse()
-            for variant, (text, token_ids, tokens, finish), context_tokens in zip(variants, arms, contexts):
-                mass = stop_word_mass(context_tokens, self.stop_ids)
-                self.metrics.stop_word_mass.labels(variant_label(variant)).observe(mass)
-                response.arms.append(pb.ArmResult(variant=variant, text=text, token_ids=token_ids,
-                                                  tokens=tokens_to_proto(tokens), finish_reason=finish,
-                                                  stop_word_mass=mass))
-            for variant, arm, forced_topk in zip(variants[1:], arms[1:], forced):
-                d = divergence(reference[2], forced_topk, reference[1], arm[1])
-                label = variant_label(variant)
-                self.metrics.compare_first_difference.labels(label).observe(
-                    len(reference[1]) if d.first_differing_token < 0 else d.first_differing_token)
-                self.metrics.compare_top1_agreement.labels(label).observe(d.top1_agreement)
-                self.metrics.compare_kl.labels(label).observe(d.mean_kl_topk)
-                response.divergence.append(pb.Divergence(
-                    variant=variant, first_differing_token=d.first_differing_token,
-                    top1_agreement=d.top1_agreement, mean_kl_topk=d.mean_kl_topk))
-            return response
+            async with self.admission.slot(), self.engine.scaled_variants(list(request.alphas)) as scaled:
+                arms = list({v.name: v for v in variants + scaled}.values())
+                result = await compare(self.engine, ids, sampling, arms, self.stop_ids)
+            self.metrics.observe_compare(result)
+            return compare_to_proto(result)

@@ -148,13 +148,15 @@ def test_expired_deadline_is_aborted_in_the_engine(auth):
     ({"prompt": [10**7]}, "outside the vocabulary"),
     ({"prompt": "hi", "max_tokens": 100000}, "max_tokens must be between 1 and 1024"),
     ({"prompt": "hi", "max_tokens": -3}, "max_tokens must be between"),
-    ({"prompt": "hi", "temperature": -0.5}, "temperature must be >= 0"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature must be between 0 (greedy) and 2"),
+    ({"prompt": "hi", "temperature": 2.5}, "temperature must be between 0 (greedy) and 2"),
     ({"prompt": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p must be in (0, 1]"),
     ({"prompt": "hi", "top_k": -7}, "top_k"),
     ({"prompt": "hi", "logprobs": 50}, "logprobs must be between 0 and 20"),
     ({"prompt": "hi", "variant": "no_such_arm"}, "unknown variant 'no_such_arm'"),
     ({"prompt": "word " * 3000}, "exceeds the context of 2048 tokens"),
+    ({"prompt": "hi", "stop": ["x"] * 65}, "sampling.stop has 65 strings; the limit is 64"),
 ])
 def test_bad_generate_input_is_invalid_argument(client, request_args, fragment):
     args = dict(request_args)
@@ -174,6 +176,21 @@ def test_bad_compare_input_is_invalid_argument(client, compare_args, fragment):
     with pytest.raises(grpc.RpcError) as e:
         client.compare("hi", max_tokens=2, **compare_args)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in e.value.details()
+
+
+def test_scaled_variants_stay_bounded(client):
+    """Every distinct alpha makes an adapter: the server keeps at most --max-scaled-variants (8) of them, the
+    least recently used makes room, and an unloaded one is named as such."""
+    alphas = [1.0 + i / 64 for i in range(1, 13)]
+    for alpha in alphas:
+        response = client.compare("The capital of France is", variants=["base"], alphas=[alpha], max_tokens=1,
+                                  **GREEDY)
+        assert [arm.variant for arm in response.arms] == ["base", f"scaled_{alpha:g}"]
+    scaled = [v for v in client.model_info().variants if v.startswith("scaled_")]
+    assert len(scaled) <= 8 and f"scaled_{alphas[-1]:g}" in scaled and f"scaled_{alphas[0]:g}" not in scaled
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate("hi", variant=f"scaled_{alphas[0]:g}", max_tokens=1)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown variant" in e.value.details()
 
 
 def test_queue_limit_gives_resource_exhausted(auth):

@@ -1,0 +1,66 @@
+"""`superweights serve` refuses a configuration it cannot run within seconds: one line, exit 2, nothing left
+running (ports are bound before the engine starts, so a taken port costs no engine start)."""
+
+import re
+import socket
+import time
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_cli_errors import assert_one_line_error
+
+FAST = 90  # seconds: importing vLLM, never starting it (an engine start alone takes longer on this machine)
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_grpc_port_taken(taken_port):
+    start = time.monotonic()
+    done = run_cli("-q", "serve", "--port", str(taken_port), "--metrics-port", "0", timeout=FAST)
+    assert_one_line_error(done, f"cannot listen on 127.0.0.1:{taken_port}", "--port")
+    assert time.monotonic() - start < FAST
+
+
+def test_metrics_port_taken(taken_port):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        grpc_port = free.getsockname()[1]
+    done = run_cli("-q", "serve", "--port", str(grpc_port), "--metrics-port", str(taken_port), timeout=FAST)
+    assert_one_line_error(done, f"cannot serve metrics on 127.0.0.1:{taken_port}", "--metrics-port")
+
+
+def test_bad_engine_arg_on_the_command_line():
+    """Checking a name needs vLLM imported, which logs about Triton first; the error is still one line, last."""
+    fragment = "did you mean tensor_parallel_size"
+    done = run_cli("-q", "serve", "--engine-arg", "tensor_paralel_size=2", timeout=FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("superweights: error: ")]
+    assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1] and fragment in errors[0]
+
+
+def test_engine_args_pass_through_typed():
+    from server.engine import engine_options
+
+    options = engine_options(["tensor-parallel-size=2", "enforce_eager=true", "gpu_memory_utilization=0.85",
+                              "distributed_executor_backend=ray", "--max-num-seqs=64"])
+    assert options == {"tensor_parallel_size": 2, "enforce_eager": True, "gpu_memory_utilization": 0.85,
+                       "distributed_executor_backend": "ray", "max_num_seqs": 64}
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("no-such-option=1", "not an engine argument"),
+    ("dtype=float16", "use its own option (--dtype"),
+    ("tensor_parallel_size", "expected KEY=VALUE"),
+])
+def test_bad_engine_args_are_user_errors(arg, fragment):
+    from server.engine import EngineOptionError, engine_options
+
+    with pytest.raises(EngineOptionError, match=re.escape(fragment)):
+        engine_options([arg])
