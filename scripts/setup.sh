@@ -22,5 +22,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
+bash scripts/tools.sh  # the real tools the tests use (Prometheus, promtool): apt, once
 bash scripts/codegen.sh "$py"  # cheap: always regenerate, so an edited .proto never goes stale
 "$venv/bin/superweights" -q model prepare >&2
