@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from compression.detect import DEFAULT_PROMPT, DetectionSettings
 from compression.errors import UserError
@@ -61,6 +61,7 @@ class ServeConfig:
     # relative; engine against offline float32 perplexity on the report's text. None: 2% when serving float32,
     # 10% in 16-bit (bfloat16 rounding alone moves a 135M model's perplexity by a few percent)
     self_check_tolerance: float | None = None
+    super_weights: tuple = ()  # compression.published.Coordinate: declared instead of detected
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -151,14 +152,22 @@ def bind(server: grpc.aio.Server, config: ServeConfig) -> int:
 
 def resolve_model(config: ServeConfig):
     """(checkpoint, report, adapters) to serve: a `superweights compress` artifact, verified against its manifest
-    and held to its own offline evaluation, with its own adapters; or any other source with its (cached)
-    detection report, whose adapters the engine writes."""
+    and held to its own offline evaluation, with its own adapters; the declared super weights (--super-weights),
+    unverified; or any other source with its (cached) detection report, whose adapters the engine writes."""
     from compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
+    from compression.declared import config_only_checkpoint, declared_report
+    from compression.models import resolve_checkpoint
     from compression.pipeline import detect
 
     if is_artifact(config.model):
         artifact = open_artifact(config.model)
         return artifact_checkpoint(artifact), served_report(artifact), artifact_adapters(artifact)
+    if config.super_weights:
+        dummy = config.engine.engine_options.get("load_format") == "dummy"
+        if dummy and not config.model:
+            raise StartupError("--engine-arg load_format=dummy needs a model directory (config.json and tokenizer)")
+        checkpoint = config_only_checkpoint(config.model) if dummy else resolve_checkpoint(config.model)
+        return checkpoint, declared_report(checkpoint, list(config.super_weights)), {}
     checkpoint, report = detect(config.model, prompt=config.prompt, settings=config.detection,
                                 eval_path=config.eval_text)
     return checkpoint, report, {}
@@ -203,6 +212,11 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: l
     """The served weights against the report: through the engine, base perplexity on the report's evaluation
     tokens must match the offline baseline, and removing the super weights must cost what the report says."""
     report = engine.report
+    if report.model.get("declared"):  # nothing offline to hold the engine to; the values were probed or read
+        await check_served_super_weights(engine)
+        log.info("self-check: super weights declared (%s), not verified by detection",
+                 ", ".join(report.settings["declared"]))
+        return {}
     eval_ids = eval_ids[: report.eval["tokens"]]
     window = report.eval["window"]
     variants = [engine.resolve(name) for name in engine.fixed_variants]
@@ -358,11 +372,34 @@ class Server:
 
 
 def _start_metrics(host: str, port: int, registry):
+    """The Prometheus endpoint, in the text format only: prometheus_client's OpenMetrics output (what Prometheus
+    2.x asks for first) writes vLLM's `vllm:*` series as `vllm_*` (client_python#1177), breaking every query."""
+    import socket
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    app = make_wsgi_app(registry)
+
+    def text_format(environ, start_response):
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # one line per scrape is noise
+            pass
+
     try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        class Server(ThreadingWSGIServer):
+            address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        server = make_server(host, port, text_format, Server, handler_class=Quiet)
     except OSError as e:
         raise StartupError(f"cannot serve metrics on {host}:{port}: {e.strerror}; choose another with "
                            f"--metrics-port (0: none)") from e
+    threading.Thread(target=server.serve_forever, name="superweights-metrics", daemon=True).start()
     return server
 
 

@@ -88,6 +88,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinates(value: str):
+    from compression.published import CoordinateSpecError, parse_coordinates
+
+    try:
+        return parse_coordinates(value)
+    except CoordinateSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _clip(value: str) -> tuple[str, float]:
     """"none", "search", "zscore:3", "percentile:99.9" -> (rule, value)."""
     rule, _, number = value.partition(":")
@@ -178,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes, auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, reflection=not args.no_reflection, grace_seconds=args.grace,
         canary_interval=args.canary_interval, prompt=args.prompt, self_check_tolerance=args.self_check_tolerance,
-        detection=_detection_settings(args), eval_text=args.eval_text)
+        detection=_detection_settings(args), eval_text=args.eval_text, super_weights=tuple(args.super_weights or ()))
     return asyncio.run(run(config))
 
 
@@ -213,6 +222,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    "0: off (%(default)s)")
     p.add_argument("--self-check-tolerance", type=float, help="allowed relative gap between the engine's and the "
                    "offline perplexity at start-up (default: 0.02 in float32, 0.10 in 16-bit)")
+    p.add_argument("--super-weights", type=_coordinates, metavar="L:ROW:COL,...", help="declare the super weights "
+                   "instead of detecting them (e.g. Meta-Llama-3-8B's published 1:788:2427,1:1384:2427,1:4062:2427): "
+                   "unverified; with --engine-arg load_format=dummy their values are read from the engine")
     g = p.add_argument_group("engine", "the vLLM engine; any other vLLM engine argument passes through --engine-arg")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=e.device)
     g.add_argument("--dtype", default=e.dtype, help="auto: float32 on CPU, bfloat16 on GPU")

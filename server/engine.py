@@ -227,6 +227,13 @@ class SuperWeightEngine:
         self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         if not self.report.super_weights:
             return
+        if any(math.isnan(w.value) for w in self.report.super_weights):  # declared, no weights on disk (dummy)
+            values = await self.served_super_weights()
+            if values is None:
+                raise EngineOptionError("declared super weights on a dummy-weight model cannot be read from the "
+                                        "engine under tensor or pipeline parallelism; load real weights")
+            for w, value in zip(self.report.super_weights, values):
+                w.value = value
         if self.cpu:  # the CPU build's slot -1 bug (module docstring): base goes through an all-zero adapter
             self._fixed[BASE] = await self._add_variant(VariantSpec(BASE, "base", 1.0, ()), zero=True)
         for spec in variant_specs(self.report):
