@@ -15,7 +15,7 @@ from .evaluation import load_eval_text
 from .models import Checkpoint, cache_dir, load_model, resolve_checkpoint
 
 log = logging.getLogger(__name__)
-DETECTOR_REVISION = 3  # bump when detection or the report's content changes: cached reports are then recomputed
+DETECTOR_REVISION = 4  # bump when detection or the report's content changes: cached reports are then recomputed
 
 
 def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None) -> str:
@@ -29,6 +29,29 @@ def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings
                            "settings": asdict(settings),
                            "eval": hashlib.sha256(eval_bytes).hexdigest()}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def _report_path(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None) -> Path:
+    return cache_dir() / "reports" / f"{_report_key(checkpoint, prompt, settings, eval_path)}.json"
+
+
+def _load_cached(path: Path) -> SuperWeightReport | None:
+    if not path.is_file():
+        return None
+    try:
+        return SuperWeightReport.load(path)
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable cached report %s: %s", path, e)
+        return None
+
+
+def cached_report(source: str | None = None, *, prompt: str = DEFAULT_PROMPT,
+                  settings: DetectionSettings | None = None,
+                  eval_path: Path | None = None) -> tuple[Checkpoint, SuperWeightReport] | None:
+    """(checkpoint, report) when detection already ran for exactly this model, prompt, settings and text."""
+    checkpoint = resolve_checkpoint(source)
+    report = _load_cached(_report_path(checkpoint, prompt, settings or DetectionSettings(), eval_path))
+    return None if report is None else (checkpoint, report)
 
 
 def detect(source: str | None = None, *, prompt: str = DEFAULT_PROMPT, settings: DetectionSettings | None = None,
@@ -46,13 +69,9 @@ def detect(source: str | None = None, *, prompt: str = DEFAULT_PROMPT, settings:
     """
     settings = settings or DetectionSettings()
     checkpoint = resolve_checkpoint(source)
-    key = _report_key(checkpoint, prompt, settings, eval_path)
-    cached = cache_dir() / "reports" / f"{key}.json"
-    if use_cache and cached.is_file():
-        try:
-            return checkpoint, SuperWeightReport.load(cached)
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable cached report %s: %s", cached, e)
+    cached = _report_path(checkpoint, prompt, settings, eval_path)
+    if use_cache and (report := _load_cached(cached)) is not None:
+        return checkpoint, report
     model, tokenizer = load_model(checkpoint)
     find_down_projections(model)  # fail on an unsupported structure before any work
     eval_text = load_eval_text(tokenizer, eval_path)

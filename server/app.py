@@ -157,7 +157,6 @@ def resolve_model(config: ServeConfig):
     from compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
     from compression.declared import config_only_checkpoint, declared_report
     from compression.models import resolve_checkpoint
-    from compression.pipeline import detect
 
     if is_artifact(config.model):
         artifact = open_artifact(config.model)
@@ -168,9 +167,31 @@ def resolve_model(config: ServeConfig):
             raise StartupError("--engine-arg load_format=dummy needs a model directory (config.json and tokenizer)")
         checkpoint = config_only_checkpoint(config.model) if dummy else resolve_checkpoint(config.model)
         return checkpoint, declared_report(checkpoint, list(config.super_weights)), {}
-    checkpoint, report = detect(config.model, prompt=config.prompt, settings=config.detection,
-                                eval_path=config.eval_text)
+    checkpoint, report = _detect_in_child(config)
     return checkpoint, report, {}
+
+
+def _detect_in_child(config: ServeConfig):
+    """Detection in a child process that exits before vLLM starts: whatever it loaded (the whole model in the
+    offline dtype, a CUDA context and its cached blocks) is returned to the system, so the engine never shares
+    the machine with a second resident copy of the weights. A cached report costs no child."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from compression.pipeline import cached_report
+
+    cached = cached_report(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
+    if cached is not None:
+        return cached
+    log.info("detecting super weights in a child process (released before the engine starts)")
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_detect, config.model, config.prompt, config.detection, config.eval_text).result()
+
+
+def _detect(model, prompt, settings, eval_path):
+    from compression.pipeline import detect
+
+    return detect(model, prompt=prompt, settings=settings, eval_path=eval_path)
 
 
 def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> dict:
