@@ -356,7 +356,8 @@ async def ab_cost(port: int, prompt_ids: list[int], tokens: int, repeats: int = 
                 pass
 
         async def compare():
-            await stub.CompareGenerations(pb.CompareRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling))
+            request = pb.CompareGenerationsRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=sampling)
+            await stub.CompareGenerations(request)
 
         async def two_generates():
             await generate()

@@ -75,15 +75,17 @@ class SuperWeightClient:
                 "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}
 
     def super_weights(self) -> pb.SuperWeightReport:
-        return self.stub.GetSuperWeights(pb.GetSuperWeightsRequest(), metadata=self.metadata, timeout=self.timeout)
+        """The served report, unwrapped from its GetSuperWeightsResponse."""
+        response = self.stub.GetSuperWeights(pb.GetSuperWeightsRequest(), metadata=self.metadata, timeout=self.timeout)
+        return response.report
 
-    def model_info(self) -> pb.ModelInfo:
+    def model_info(self) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
 
     def compare(self, prompt: str | list[int], variants: list[str] | None = None, alphas: list[float] | None = None,
-                chat: bool = False, **sampling_args) -> pb.CompareResponse:
-        request = pb.CompareRequest(sampling=sampling(**sampling_args), variants=variants or [],
-                                    alphas=alphas or [], chat=chat, **_prompt(prompt))
+                chat: bool = False, **sampling_args) -> pb.CompareGenerationsResponse:
+        request = pb.CompareGenerationsRequest(sampling=sampling(**sampling_args), variants=variants or [],
+                                               alphas=alphas or [], chat=chat, **_prompt(prompt))
         return self.stub.CompareGenerations(request, metadata=self.metadata, timeout=self.timeout)
 
     def health(self, service: str = "") -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from compression.detect import SuperWeight
+from compression.errors import UserError
 from compression.evaluation import stop_word_ids
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
@@ -55,15 +56,23 @@ def invalid(message: str) -> RequestError:
 @dataclass(frozen=True)
 class Limits:
     max_tokens: int = 1024
-    default_max_tokens: int = 64
+    default_max_tokens: int = 64  # for max_tokens 0; never more than max_tokens
     max_concurrent: int = 64  # engine-bound RPCs running at once
     max_queue: int = 256  # engine-bound RPCs waiting beyond that; more get RESOURCE_EXHAUSTED
     max_prompt_chars: int = 200_000
 
+    def __post_init__(self) -> None:
+        # max_concurrent 0 would queue every engine-bound call forever; a negative queue would refuse them all
+        flags = {"max_tokens": "--max-tokens-limit", "max_concurrent": "--max-concurrent", "max_queue": "--max-queue"}
+        for name, least in (("max_tokens", 1), ("default_max_tokens", 1), ("max_concurrent", 1), ("max_queue", 0),
+                            ("max_prompt_chars", 1)):
+            if getattr(self, name) < least:
+                raise UserError(f"{flags.get(name, name)} must be at least {least}, got {getattr(self, name)}")
+
 
 # -- proto -> internal -----------------------------------------------------------------------------------------
 def sampling_from_proto(msg: pb.SamplingParams, limits: Limits) -> Sampling:
-    max_tokens = msg.max_tokens or limits.default_max_tokens
+    max_tokens = msg.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
         raise invalid(f"sampling.max_tokens must be between 1 and {limits.max_tokens}, got {msg.max_tokens}")
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
@@ -97,16 +106,18 @@ def prompt_ids_from_proto(msg, engine: SuperWeightEngine, sampling: Sampling, li
             raise invalid(f"prompt.text has {len(msg.text)} characters; the limit is {limits.max_prompt_chars}")
         ids = engine.tokenize(msg.text, chat=msg.chat)
     else:
-        ids = list(msg.token_ids.ids)
+        ids = msg.token_ids.ids  # up to a million ids fit in a message: its length first, one scan at most
         if not ids:
             raise invalid("prompt.token_ids is empty")
-        bad = [i for i in ids if not 0 <= i < engine.vocab_size]
-        if bad:
-            raise invalid(f"prompt.token_ids has ids outside the vocabulary [0, {engine.vocab_size}): {bad[:5]}")
     if len(ids) + sampling.max_tokens > max_model_len:
         raise invalid(f"prompt has {len(ids)} tokens; with max_tokens={sampling.max_tokens} that exceeds the "
                       f"context of {max_model_len} tokens: shorten the prompt or lower max_tokens")
-    return ids
+    if kind == "token_ids":
+        vocab = engine.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise invalid(f"prompt.token_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    return list(ids)
 
 
 # -- internal -> proto -----------------------------------------------------------------------------------------
@@ -142,13 +153,13 @@ def report_to_proto(report, engine_values: list[float] | None = None) -> pb.Supe
         super_activations=[pb.SuperActivation(layer=a.layer, channel=a.channel, value=a.value,
                                               token_position=a.token_position, token=a.token)
                            for a in report.super_activations],
-        eval_text=e["text"], eval_tokens=e["tokens"], baseline_perplexity=e["baseline_perplexity"],
+        eval_text=e["text"], eval_tokens=e["tokens"], baseline_perplexity=e["baseline_perplexity"] or 0.0,
         removed_perplexity=e["removed_perplexity"] or 0.0, control_perplexity=e["control_perplexity"] or 0.0,
         report_json=report.to_json())
 
 
-def compare_to_proto(result: CompareResult) -> pb.CompareResponse:
-    return pb.CompareResponse(
+def compare_to_proto(result: CompareResult) -> pb.CompareGenerationsResponse:
+    return pb.CompareGenerationsResponse(
         arms=[pb.ArmResult(variant=a.variant.name, text=a.text, token_ids=a.token_ids, tokens=tokens_to_proto(a.tokens),
                            finish_reason=a.finish_reason, stop_word_mass=a.stop_word_mass) for a in result.arms],
         divergence=[pb.Divergence(variant=v.name, first_differing_token=d.first_differing_token,
@@ -255,16 +266,16 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
 
     async def GetSuperWeights(self, request, context):
         async with self._rpc("GetSuperWeights", context):
-            return report_to_proto(self.engine.report, self.engine.probed_values)
+            return pb.GetSuperWeightsResponse(report=report_to_proto(self.engine.report, self.engine.probed_values))
 
     async def GetModelInfo(self, request, context):
         async with self._rpc("GetModelInfo", context):
-            return pb.ModelInfo(variants=self.engine.variants, **self.model_info)
+            return pb.GetModelInfoResponse(variants=self.engine.variants, **self.model_info)
 
-    async def CompareGenerations(self, request: pb.CompareRequest, context):
+    async def CompareGenerations(self, request: pb.CompareGenerationsRequest, context):
         async with self._rpc("CompareGenerations", context):
             sampling = sampling_from_proto(request.sampling, self.limits)
-            names = list(request.variants) or ([BASE, REMOVED] if self.engine.report.super_weights else [BASE])
+            names = list(request.variants) or [BASE, REMOVED]
             if not self.engine.report.super_weights and (set(names) - {BASE, ""} or request.alphas):
                 raise invalid("this model has no confirmed super weights: it serves only 'base', so there is no "
                               "removal or scaled arm to compare (see GetSuperWeights for the rejected candidates)")
