@@ -26,6 +26,7 @@ def default_detection():
 
 
 # -- real servers on loopback ----------------------------------------------------------------------------------
+import contextlib
 import signal
 import socket
 import time
@@ -110,6 +111,18 @@ def wait_serving(server: RunningServer, timeout: float = 600) -> None:
     pytest.fail(f"server not SERVING after {timeout} s:\n{server.log_tail()}")
 
 
+@contextlib.contextmanager
+def serving(running: dict[str, RunningServer]):
+    """Servers started together (their engines start in parallel), SERVING on entry, stopped on exit."""
+    try:
+        for server in running.values():
+            wait_serving(server)
+        yield running
+    finally:
+        for server in running.values():
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory, default_detection):
     """Two real servers on the default model: "auth" (bearer tokens, plaintext) and "tls" (TLS, no auth).
@@ -118,12 +131,6 @@ def servers(tmp_path_factory, default_detection):
 
     directory = tmp_path_factory.mktemp("servers")
     certificates = make_certificates(directory)
-    running = {"auth": start_server(directory / "auth.log", token=TOKEN),
-               "tls": start_server(directory / "tls.log", tls=certificates)}
-    try:
-        for server in running.values():
-            wait_serving(server)
+    with serving({"auth": start_server(directory / "auth.log", token=TOKEN),
+                  "tls": start_server(directory / "tls.log", tls=certificates)}) as running:
         yield running
-    finally:
-        for server in running.values():
-            server.stop()

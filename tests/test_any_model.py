@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from compression.models import resolve_checkpoint
-from tests.conftest import start_server, wait_serving
+from tests.conftest import serving, start_server
 
 pytestmark = pytest.mark.slow
 DECLARED = "11:507:1229,11:507:1487"
@@ -42,16 +42,10 @@ def models(tmp_path_factory):
     no_super_weight_model(root / "plain")
     config_only_copy(root / "dummy")
     # enforce_eager: without LoRA the CPU build compiles for about 40 s at every start
-    running = {"plain": start_server(root / "plain.log", str(root / "plain"), "--engine-arg", "enforce_eager=true"),
-               "dummy": start_server(root / "dummy.log", str(root / "dummy"), "--super-weights", DECLARED,
-                                     "--engine-arg", "load_format=dummy")}
-    try:
-        for server in running.values():
-            wait_serving(server)
+    with serving({"plain": start_server(root / "plain.log", str(root / "plain"), "--engine-arg", "enforce_eager=true"),
+                  "dummy": start_server(root / "dummy.log", str(root / "dummy"), "--super-weights", DECLARED,
+                                        "--engine-arg", "load_format=dummy")}) as running:
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 def test_a_model_without_super_weights_serves_base_only(models):
