@@ -105,6 +105,9 @@ def prompt_ids_from_proto(msg, engine: SuperWeightEngine, sampling: Sampling, li
         if len(msg.text) > limits.max_prompt_chars:
             raise invalid(f"prompt.text has {len(msg.text)} characters; the limit is {limits.max_prompt_chars}")
         ids = engine.tokenize(msg.text, chat=msg.chat)
+        if not ids:  # e.g. control characters the tokenizer drops; vLLM would fail on an empty prompt
+            raise invalid("prompt.text has no tokens for this model (only characters its tokenizer drops): send "
+                          "visible text, or prompt.token_ids")
     else:
         ids = msg.token_ids.ids  # up to a million ids fit in a message: its length first, one scan at most
         if not ids:

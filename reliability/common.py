@@ -1,0 +1,286 @@
+"""What the campaigns share: a server on loopback that they start and stop, channels to any server (ours, or a
+tests.conftest RunningServer: the same attribute names), its metrics and processes, a greedy golden generation,
+and the results folder. Traffic goes to 127.0.0.1 / localhost only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from superweights.v1 import superweights_pb2 as pb
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+LOGS = Path("/tmp/superweights-reliability")  # the campaigns' server logs
+SUPERWEIGHTS = str(Path(sys.executable).parent / "superweights")
+SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SuperWeightService"]
+SERVICE = SERVICE_DESCRIPTOR.full_name
+METHODS = tuple(m.name for m in SERVICE_DESCRIPTOR.methods)  # Generate, GetSuperWeights, CompareGenerations, ...
+GOLDEN_PROMPT = "The capital of France is"
+ADAPTER_GLOB = "superweights-adapters-*"
+CLIENT_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `superweights serve` process this package started (attributes as tests.conftest.RunningServer's)."""
+
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path
+    token: str | None = None
+    tls: dict | None = None  # reliability.certs.make_mtls paths (or tests.tls's ca/cert/key)
+
+    @property
+    def target(self) -> str:
+        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 90) -> int:
+        """SIGTERM, then the whole process group killed if it is not gone within `timeout`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | None = None,
+                 kv_cache_gib: int = 1) -> Server:
+    """`superweights serve` on the default model, loopback ports, its own process group, output to `log`."""
+    port, metrics_port = free_port(), free_port()
+    args = [SUPERWEIGHTS, "serve", "--port", str(port), "--metrics-port", str(metrics_port), *extra]
+    if token:
+        args += ["--auth-token", token]
+    if tls:
+        args += ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])]
+        if tls.get("client_cert"):
+            args += ["--tls-client-ca", str(tls["ca"])]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), PYTHONUNBUFFERED="1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   cwd=REPO)
+    return Server(process, port, metrics_port, log, token, tls)
+
+
+def wait_serving(server, timeout: float = 600) -> float:
+    """Seconds until health says SERVING; RuntimeError when the process exits or the time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if health(server, timeout=5) == "SERVING":
+                return time.monotonic() - start
+        except grpc.RpcError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.log_tail()}")
+
+
+# -- talking to any server -------------------------------------------------------------------------------------
+def credentials(server, client: str | None = "client") -> grpc.ChannelCredentials | None:
+    """TLS credentials for this server: client None (no client certificate), "client" (the right one, when the
+    server's tls has one) or "rogue" (signed by another CA)."""
+    tls = server.tls
+    if not tls:
+        return None
+    cert, key = (tls.get(f"{client}_cert"), tls.get(f"{client}_key")) if client else (None, None)
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls["ca"]).read_bytes(),
+                                        private_key=Path(key).read_bytes() if key else None,
+                                        certificate_chain=Path(cert).read_bytes() if cert else None)
+
+
+def channel(server, client: str | None = "client", asynchronous: bool = False):
+    """A channel to the server (TLS when it has TLS); the caller closes it."""
+    module = grpc.aio if asynchronous else grpc
+    creds = credentials(server, client)
+    if creds is None:
+        return module.insecure_channel(server.target, options=CLIENT_OPTIONS)
+    return module.secure_channel(server.target, creds, options=CLIENT_OPTIONS)
+
+
+def request_class(method: str):
+    """The request message class of an RPC, from the service descriptor (message names may change)."""
+    return message_factory.GetMessageClass(SERVICE_DESCRIPTOR.methods_by_name[method].input_type)
+
+
+def rpc(ch, method: str, raw: bool = False):
+    """A callable for one RPC on a channel (sync or aio); raw: bytes in, bytes out (no (de)serialization)."""
+    descriptor = SERVICE_DESCRIPTOR.methods_by_name[method]
+    path = f"/{SERVICE}/{method}"
+    if raw:
+        kwargs = {}
+    else:
+        kwargs = {"request_serializer": lambda m: m.SerializeToString(),
+                  "response_deserializer": message_factory.GetMessageClass(descriptor.output_type).FromString}
+    return (ch.unary_stream if descriptor.server_streaming else ch.unary_unary)(path, **kwargs)
+
+
+def metadata(server, token: str | None = "default") -> tuple[tuple[str, str], ...]:
+    token = server.token if token == "default" else token
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def health(server, service: str = "", timeout: float = 5) -> str:
+    with channel(server) as ch:
+        response = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def metric_values(server, name: str) -> dict[tuple, float]:
+    """Samples of one metric family: {sorted label items: value} (counters by their `_total` sample)."""
+    values = {}
+    for family in text_string_to_metric_families(server.metrics_text()):
+        if family.name == name:
+            for s in family.samples:
+                if s.name in (name, f"{name}_total"):
+                    values[tuple(sorted(s.labels.items()))] = s.value
+    return values
+
+
+def unfinished(server) -> float:
+    return sum(metric_values(server, "superweights_engine_unfinished_requests").values())
+
+
+def asyncio_tasks(server) -> float | None:
+    """The front end's asyncio task count, where the server exposes it (superweights_asyncio_tasks)."""
+    values = metric_values(server, "superweights_asyncio_tasks")
+    return sum(values.values()) if values else None
+
+
+def greedy_request(max_tokens: int = 24) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=GOLDEN_PROMPT, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                             ignore_eos=True))
+
+
+def golden(server, max_tokens: int = 24) -> list[int]:
+    """Greedy token ids of GOLDEN_PROMPT: identical before and after a campaign when nothing leaked into the
+    engine's state (a stuck adapter slot, a half-aborted request)."""
+    with channel(server) as ch:
+        stream = rpc(ch, "Generate")(greedy_request(max_tokens), metadata=metadata(server), timeout=120)
+        return [i for message in stream for i in message.token_ids]
+
+
+def code_name(error: grpc.RpcError) -> str:
+    code = error.code()
+    return code.name if code is not None else "NONE"
+
+
+# -- the processes behind a server -----------------------------------------------------------------------------
+def engine_processes(server) -> list[psutil.Process]:
+    """The engine core and its workers: every descendant of the front end."""
+    try:
+        return psutil.Process(server.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def engine_core(server) -> psutil.Process:
+    """vLLM's engine core process (titled VLLM::EngineCore), a child of the front end."""
+    for p in engine_processes(server):
+        try:
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise RuntimeError("no engine core process under the server")
+
+
+def process_stats(server) -> dict[str, float]:
+    """RSS (MiB) of the front end and of the engine processes together; the front end's open fds and threads."""
+    front = psutil.Process(server.process.pid)
+    engine_rss = 0
+    for p in engine_processes(server):
+        try:
+            engine_rss += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return {"frontend_rss_mib": front.memory_info().rss / 2**20, "engine_rss_mib": engine_rss / 2**20,
+            "fds": front.num_fds(), "threads": front.num_threads()}
+
+
+def adapter_files() -> dict[str, int]:
+    """Every server's temporary adapter directory (/tmp/superweights-adapters-*) with its number of adapters."""
+    import tempfile
+
+    return {str(d): sum(1 for _ in d.iterdir()) for d in Path(tempfile.gettempdir()).glob(ADAPTER_GLOB)
+            if d.is_dir()}
+
+
+def adapter_dir_of(server, before: dict[str, int]) -> Path | None:
+    """The adapter directory that appeared since `before` (taken just before the server started)."""
+    new = sorted(set(adapter_files()) - set(before))
+    return Path(new[0]) if len(new) == 1 else None
+
+
+# -- results ---------------------------------------------------------------------------------------------------
+def write_result(name: str, data: dict) -> Path:
+    """reliability/results/<name>.json with the date, the command and the machine."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    record = {"campaign": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m " + " ".join([f"reliability.{name}", *sys.argv[1:]]),
+              "commit": commit.stdout.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              f"{psutil.virtual_memory().total / 2**30:.0f} GiB", **data}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def campaign(name: str, flags: Sequence[str], measure: Callable[[Server], dict],
+             finish: Callable[[dict], None] | None = None, **server_options) -> dict:
+    """Start a server with `flags`, measure it, stop it, `finish` the result, write results/<name>.json."""
+    server = start_server(LOGS / f"{name}-server.log", *flags, **server_options)
+    result: dict = {"server_flags": list(flags)}
+    try:
+        result["server_start_seconds"] = round(wait_serving(server), 1)
+        result.update(measure(server))
+    finally:
+        result["exit_code"] = server.stop()
+    if finish is not None:
+        finish(result)
+    print(write_result(name, result))
+    return result
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
