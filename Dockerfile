@@ -9,6 +9,7 @@ COPY proto ./proto
 COPY scripts ./scripts
 COPY compression ./compression
 COPY server ./server
+COPY superweights/__init__.py ./superweights/__init__.py
 # Generated gRPC code first (it is a package of the distribution), then the project on top of the image's vLLM.
 RUN pip install --no-cache-dir "grpcio-tools>=1.70" \
  && bash scripts/codegen.sh python3 \

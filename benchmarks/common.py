@@ -376,7 +376,7 @@ async def ab_cost(port: int, prompt_ids: list[int], tokens: int, repeats: int = 
 
 def prompts(tokenizer, n: int = 8, length: int = 32) -> list[list[int]]:
     """`n` fixed prompts of `length` tokens, cut from the evaluation text."""
-    from compression.evaluation import load_eval_text
+    from superweights.compression.evaluation import load_eval_text
 
     ids = load_eval_text(tokenizer).ids.tolist()
     return [ids[i * 200: i * 200 + length] for i in range(n)]
@@ -384,7 +384,7 @@ def prompts(tokenizer, n: int = 8, length: int = 32) -> list[list[int]]:
 
 def place_default_model() -> None:
     """No network on the device: the GGUF travels as the pack's payload; put it where the cache looks."""
-    from compression.models import DEFAULT_GGUF_MEMBER, cache_dir
+    from superweights.compression.models import DEFAULT_GGUF_MEMBER, cache_dir
 
     payload = Path.home() / "gpu" / "payload.bin"
     target = cache_dir() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name

@@ -25,9 +25,9 @@ STREAMS, TOKENS, EVAL_TOKENS = (1, 32), 128, int(os.environ.get("SUPERWEIGHTS_BE
 
 
 def compress_all(art: Path) -> None:
-    from compression.artifact import compress
-    from compression.pipeline import detect
-    from compression.schemes import get_scheme
+    from superweights.compression.artifact import compress
+    from superweights.compression.pipeline import detect
+    from superweights.compression.schemes import get_scheme
 
     place_default_model()
     checkpoint, report = detect(None, progress=False)
@@ -39,7 +39,7 @@ def compress_all(art: Path) -> None:
 
 
 async def _decode_speed(engine, prompt_ids: list[int], streams: int) -> float:
-    from server.engine import Sampling
+    from superweights.server.engine import Sampling
 
     sampling = Sampling(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
 
@@ -53,10 +53,10 @@ async def _decode_speed(engine, prompt_ids: list[int], streams: int) -> float:
 
 
 async def measure_one(name: str, art: Path, device: str = "cuda", dtype: str = "bfloat16") -> dict:
-    from compression.artifact import open_artifact, served_report
-    from compression.evaluation import load_eval_text
-    from compression.pipeline import detect
-    from server.engine import BASE, REMOVED, EngineConfig, SuperWeightEngine
+    from superweights.compression.artifact import open_artifact, served_report
+    from superweights.compression.evaluation import load_eval_text
+    from superweights.compression.pipeline import detect
+    from superweights.server.engine import BASE, REMOVED, EngineConfig, SuperWeightEngine
 
     if name == "bf16":
         checkpoint, report = detect(None, progress=False)

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("names", nargs="+", choices=tuple(CONFIGS), help="configs, measured in this order")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/gpu")))
     args = parser.parse_args()
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     place_default_model()
     checkpoint = str(resolve_checkpoint(None).path)

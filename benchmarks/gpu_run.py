@@ -22,7 +22,7 @@ LEVELS, TOKENS = [1, 32, 256], 128
 
 def functional_checks(port: int) -> dict:
     """Generate, GetSuperWeights, CompareGenerations; base arm == base alone; the removal arm loses Paris."""
-    from server.client import SuperWeightClient
+    from superweights.server.client import SuperWeightClient
 
     with SuperWeightClient(f"127.0.0.1:{port}") as client:
         info = client.model_info()
@@ -47,8 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     place_default_model()
-    from compression.models import load_model
-    from compression.pipeline import detect
+    from superweights.compression.models import load_model
+    from superweights.compression.pipeline import detect
 
     t0 = time.perf_counter()
     checkpoint, _ = detect(None, progress=False)

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import RunningServer, prompts, run_level, server_spec
-from compression.models import load_model
-from compression.pipeline import detect
+from superweights.compression.models import load_model
+from superweights.compression.pipeline import detect
 
 OUT = Path(__file__).resolve().parent
 

@@ -45,8 +45,8 @@ def machine() -> dict:
 
 
 def detection_cost() -> dict:
-    from compression.detect import DEFAULT_PROMPT
-    from compression.models import load_model, resolve_checkpoint
+    from superweights.compression.detect import DEFAULT_PROMPT
+    from superweights.compression.models import load_model, resolve_checkpoint
 
     t0 = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "superweights"), "-q", "detect", "--no-cache", "--json"],
@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     levels, tokens = ([1, 8], 32) if args.quick else ([1, 8, 32, 64], 64)
 
-    from compression.models import load_model
-    from compression.pipeline import detect
+    from superweights.compression.models import load_model
+    from superweights.compression.pipeline import detect
 
     checkpoint, _ = detect(None, progress=False)
     model, tokenizer = load_model(checkpoint)

@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from compression.pipeline import detect
-from server.engine import BASE, EngineConfig, Sampling, SuperWeightEngine
+from superweights.compression.pipeline import detect
+from superweights.server.engine import BASE, EngineConfig, Sampling, SuperWeightEngine
 
 
 async def run(concurrency: int = 8, tokens: int = 64, rounds: int = 2) -> None:

@@ -255,20 +255,20 @@ def sigterm_under_load(server, running: int = 2, queued: int = 2, max_tokens: in
 
 # -- the model cache -------------------------------------------------------------------------------------------
 def real_cache() -> Path:
-    from compression.models import cache_dir
+    from superweights.compression.models import cache_dir
 
     return cache_dir()
 
 
 def default_checkpoint() -> Path:
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     return Path(resolve_checkpoint(None).path)
 
 
 def copy_cache(target: Path, model: bool = True) -> Path:
     """A private cache with the default model's GGUF (and its converted checkpoint): never touch the real one."""
-    from compression.models import DEFAULT_GGUF_MEMBER
+    from superweights.compression.models import DEFAULT_GGUF_MEMBER
 
     gguf = real_cache() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name
     (target / "downloads").mkdir(parents=True, exist_ok=True)
@@ -385,7 +385,7 @@ def cache_directory_faults(workdir: Path, full: bool = True) -> dict:
         out["read_only_empty"] = prepare(cache / "cache")
     out["read_only_populated"] = read_only_populated(workdir)
     if full:
-        from compression.models import DEFAULT_GGUF_MEMBER
+        from superweights.compression.models import DEFAULT_GGUF_MEMBER
 
         gguf_bytes = (real_cache() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name).stat().st_size
         with mounted_tmpfs(workdir / "full", f"{gguf_bytes // 2**20 + 40}m") as cache:

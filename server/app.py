@@ -19,9 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from compression.detect import DEFAULT_PROMPT, DetectionSettings
-from compression.errors import UserError
-from compression.evaluation import load_eval_text
+from superweights.compression.detect import DEFAULT_PROMPT, DetectionSettings
+from superweights.compression.errors import UserError
+from superweights.compression.evaluation import load_eval_text
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
@@ -154,9 +154,9 @@ def resolve_model(config: ServeConfig):
     """(checkpoint, report, adapters) to serve: a `superweights compress` artifact, verified against its manifest
     and held to its own offline evaluation, with its own adapters; the declared super weights (--super-weights),
     unverified; or any other source with its (cached) detection report, whose adapters the engine writes."""
-    from compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
-    from compression.declared import config_only_checkpoint, declared_report
-    from compression.models import resolve_checkpoint
+    from superweights.compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
+    from superweights.compression.declared import config_only_checkpoint, declared_report
+    from superweights.compression.models import resolve_checkpoint
 
     if is_artifact(config.model):
         artifact = open_artifact(config.model)
@@ -178,7 +178,7 @@ def _detect_in_child(config: ServeConfig):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from compression.pipeline import cached_report
+    from superweights.compression.pipeline import cached_report
 
     cached = cached_report(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
     if cached is not None:
@@ -189,7 +189,7 @@ def _detect_in_child(config: ServeConfig):
 
 
 def _detect(model, prompt, settings, eval_path):
-    from compression.pipeline import detect
+    from superweights.compression.pipeline import detect
 
     return detect(model, prompt=prompt, settings=settings, eval_path=eval_path)
 

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from compression.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport
-from compression.errors import UserError
+from superweights.compression.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport
+from superweights.compression.errors import UserError
 
 
 def _detection_settings(args: argparse.Namespace) -> DetectionSettings:
@@ -116,12 +116,12 @@ def print_report(report: SuperWeightReport) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from compression.pipeline import detect
+    from superweights.compression.pipeline import detect
 
     _, report = detect(args.model, prompt=args.prompt, settings=_detection_settings(args), eval_path=args.eval_text,
                        use_cache=not args.no_cache, progress=not args.quiet)
     if args.plot:
-        from compression.plots import plot_layer_extremes
+        from superweights.compression.plots import plot_layer_extremes
 
         plot_layer_extremes(report, args.plot)
     if args.json:
@@ -134,7 +134,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _coordinates(value: str):
-    from compression.published import CoordinateSpecError, parse_coordinates
+    from superweights.compression.published import CoordinateSpecError, parse_coordinates
 
     try:
         return parse_coordinates(value)
@@ -152,9 +152,9 @@ def _clip(value: str) -> tuple[str, float]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from compression.artifact import ARTIFACT_EVAL_TOKENS, compress
-    from compression.pipeline import detect
-    from compression.schemes import get_scheme
+    from superweights.compression.artifact import ARTIFACT_EVAL_TOKENS, compress
+    from superweights.compression.pipeline import detect
+    from superweights.compression.schemes import get_scheme
 
     scheme = get_scheme(args.scheme)
     clip, clip_value = args.clip if args.clip else (scheme.weights.clip, scheme.weights.clip_value)
@@ -172,13 +172,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from compression.artifact import is_artifact
+    from superweights.compression.artifact import is_artifact
 
     if is_artifact(args.model):
         return _eval_artifact(args)
-    from compression.pipeline import detect
-    from compression.scheme_eval import evaluate_schemes, markdown_table, write_results
-    from compression.schemes import SCHEMES, get_scheme
+    from superweights.compression.pipeline import detect
+    from superweights.compression.scheme_eval import evaluate_schemes, markdown_table, write_results
+    from superweights.compression.schemes import SCHEMES, get_scheme
 
     schemes = [get_scheme(n) for n in (args.scheme or list(SCHEMES))]
     checkpoint, report = detect(args.model, progress=not args.quiet)
@@ -196,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_artifact(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from compression.artifact import evaluate_artifact_dir, open_artifact
+    from superweights.compression.artifact import evaluate_artifact_dir, open_artifact
 
     artifact = open_artifact(args.model)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
@@ -207,7 +207,7 @@ def _eval_artifact(args: argparse.Namespace) -> int:
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.model)
     print(f"{checkpoint.name}: {checkpoint.path} (sha256 {checkpoint.sha256[:16]})")
@@ -360,7 +360,10 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from superweights import __version__
+
     parser = argparse.ArgumentParser(prog="superweights", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"superweights {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -23,15 +23,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
-from compression.detect import SuperWeightReport
-from compression.errors import UserError
-from compression.format import BASE, REMOVED, SCALED, VariantSpec, scaled_spec, variant_specs
+from superweights.compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
+from superweights.compression.detect import SuperWeightReport
+from superweights.compression.errors import UserError
+from superweights.compression.format import BASE, REMOVED, SCALED, VariantSpec, scaled_spec, variant_specs
 
 log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
-PROBE_EXTENSION = "compression.vllm_plugin.SuperWeightProbe"  # worker methods: probe_super_weights
+PROBE_EXTENSION = "superweights.compression.vllm_plugin.SuperWeightProbe"  # worker methods: probe_super_weights
 
 
 class EngineError(RuntimeError):

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from compression.detect import SuperWeight
-from compression.errors import UserError
-from compression.evaluation import stop_word_ids
+from superweights.compression.detect import SuperWeight
+from superweights.compression.errors import UserError
+from superweights.compression.evaluation import stop_word_ids
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 

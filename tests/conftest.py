@@ -20,7 +20,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def default_detection():
     """(checkpoint, report) for the embedded default model, detected afresh (not from the cache)."""
-    from compression.pipeline import detect
+    from superweights.compression.pipeline import detect
 
     return detect(None, use_cache=False, progress=False)
 
@@ -55,7 +55,7 @@ class RunningServer:
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def client(self, token: str | None = "default", timeout: float = 120):
-        from server.client import SuperWeightClient
+        from superweights.server.client import SuperWeightClient
 
         return SuperWeightClient(self.target, token=self.token if token == "default" else token,
                                  root_cert=self.tls["ca"] if self.tls else None, timeout=timeout)

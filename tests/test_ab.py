@@ -3,8 +3,8 @@
 import asyncio
 import math
 
-from server.ab import compare
-from server.engine import Chunk, Sampling, TokenChoice, Variant
+from superweights.server.ab import compare
+from superweights.server.engine import Chunk, Sampling, TokenChoice, Variant
 
 STOP = frozenset({0})  # token 0 is a stop word
 

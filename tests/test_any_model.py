@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from compression.models import resolve_checkpoint
+from superweights.compression.models import resolve_checkpoint
 from tests.conftest import serving, start_server
 
 pytestmark = pytest.mark.slow

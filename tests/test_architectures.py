@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from compression.architectures import NoDownProjectionError, find_down_projections
+from superweights.compression.architectures import NoDownProjectionError, find_down_projections
 
 SMALL = dict(vocab_size=128, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
 

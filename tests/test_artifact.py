@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compression.artifact import (
+from superweights.compression.artifact import (
     COLUMN_WEIGHT,
     ArtifactError,
     artifact_adapters,
@@ -19,8 +19,8 @@ from compression.artifact import (
     load_artifact_model,
     open_artifact,
 )
-from compression.quantize import quantize_activation
-from compression.schemes import SCHEMES, get_scheme
+from superweights.compression.quantize import quantize_activation
+from superweights.compression.schemes import SCHEMES, get_scheme
 from tests.tiny_models import ByteTokenizer, planted_llama, sampled_text, save_checkpoint
 
 ROW, COL, VALUE = 17, 99, 50.0
@@ -30,8 +30,8 @@ DOWN = "model.layers.1.mlp.down_proj"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(checkpoint, report) of a saved planted Llama."""
-    from compression.detect import DetectionSettings, find_super_weights
-    from compression.models import resolve_checkpoint
+    from superweights.compression.detect import DetectionSettings, find_super_weights
+    from superweights.compression.models import resolve_checkpoint
 
     model = planted_llama(row=ROW, col=COL, value=VALUE)
     directory = tmp_path_factory.mktemp("tiny-llama")
@@ -47,7 +47,7 @@ def test_protected_columns_are_exact_and_out_of_the_scales(name, tmp_path):
     w = planted_llama(row=ROW, col=COL, value=VALUE).model.layers[1].mlp.down_proj.weight.detach()  # [64, 256]
     scheme = get_scheme(name)
     if scheme.weights.granularity == "group":
-        from compression.schemes import fit_to_model
+        from superweights.compression.schemes import fit_to_model
 
         scheme = fit_to_model(scheme, [256])
     tensors = compress_linear(w, scheme, [COL])
@@ -69,8 +69,8 @@ def test_protected_columns_are_exact_and_out_of_the_scales(name, tmp_path):
 
 
 def _plugin_forward(tensors: dict, scheme, cols: list[int], x: torch.Tensor) -> torch.Tensor:
-    """compression.vllm_plugin.ProtectedLinearMethod.apply around a reference int8 kernel."""
-    from compression.vllm_plugin import ProtectedLinearMethod
+    """superweights.compression.vllm_plugin.ProtectedLinearMethod.apply around a reference int8 kernel."""
+    from superweights.compression.vllm_plugin import ProtectedLinearMethod
 
     class ReferenceKernel:  # what vLLM's W8A8 kernels compute: per-token int8 x, int8 weights, float scales
         def apply(self, layer, x, bias=None):
@@ -111,7 +111,7 @@ def test_exact_cpu_int8_gemm_is_exact():
     pytest.importorskip("vllm._custom_ops")
     from vllm import _custom_ops as ops
 
-    from compression.vllm_plugin import ExactCPUInt8, cpu_int8_gemm_saturates
+    from superweights.compression.vllm_plugin import ExactCPUInt8, cpu_int8_gemm_saturates
 
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-128, 128, (96, 256), generator=g, dtype=torch.int16).to(torch.int8)  # [N, K], full range

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from compression.detect import DetectionSettings, find_super_weights
-from compression.evaluation import EvalText, bos_token_id, eval_windows, evaluate, load_eval_text, stop_word_ids
+from superweights.compression.detect import DetectionSettings, find_super_weights
+from superweights.compression.evaluation import EvalText, bos_token_id, eval_windows, evaluate, load_eval_text, stop_word_ids
 from tests.tiny_models import ByteTokenizer, bos_tokenizer, planted_llama, sampled_text, write_tiny_gguf
 
 
@@ -62,7 +62,7 @@ def test_the_report_says_which_convention_its_baseline_used():
 def test_a_converted_gguf_keeps_its_bos_behaviour(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     monkeypatch.setenv("SUPERWEIGHTS_CACHE", str(tmp_path / "cache"))
     for add_bos in (True, False):

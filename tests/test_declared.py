@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compression.declared import declared_report
-from compression.models import resolve_checkpoint
-from compression.published import Coordinate, CoordinateOutOfRangeError
+from superweights.compression.declared import declared_report
+from superweights.compression.models import resolve_checkpoint
+from superweights.compression.published import Coordinate, CoordinateOutOfRangeError
 from tests.conftest import run_cli
 
 SMOLLM2 = [Coordinate(11, 507, 1229), Coordinate(11, 507, 1487)]  # what detection finds on the default model

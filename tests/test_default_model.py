@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from compression.architectures import find_down_projections
-from compression.detect import _largest_other_weights, zeroed
-from compression.evaluation import load_eval_text, perplexity
-from compression.models import load_model
+from superweights.compression.architectures import find_down_projections
+from superweights.compression.detect import _largest_other_weights, zeroed
+from superweights.compression.evaluation import load_eval_text, perplexity
+from superweights.compression.models import load_model
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from compression.format import BASE, REMOVED
-from server.metrics import Metrics
+from superweights.compression.format import BASE, REMOVED
+from superweights.server.metrics import Metrics
 from tests.real_prometheus import (
     PROMETHEUS_CONFIG,
     RULES,

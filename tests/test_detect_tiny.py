@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from compression.ablation import AblationScorer
-from compression.architectures import find_down_projections
-from compression.detect import (
+from superweights.compression.ablation import AblationScorer
+from superweights.compression.architectures import find_down_projections
+from superweights.compression.detect import (
     DetectionSettings,
     SuperWeight,
     SuperWeightReport,
@@ -18,8 +18,8 @@ from compression.detect import (
     published_agreement,
     zeroed,
 )
-from compression.evaluation import eval_windows, evaluate
-from compression.quantize import ActivationConfig, held_out_channels, quantize_activation
+from superweights.compression.evaluation import eval_windows, evaluate
+from superweights.compression.quantize import ActivationConfig, held_out_channels, quantize_activation
 from tests.tiny_models import ByteTokenizer, planted_gpt2, planted_llama, planted_spread_llama, sampled_text
 
 SETTINGS = DetectionSettings(eval_tokens=512, window=128)
@@ -117,7 +117,7 @@ def test_an_activation_no_single_weight_carries_is_reported_and_held_out(capsys,
     cols = held["model.layers.1.mlp.down_proj"]
     quantized = quantize_activation(x, ActivationConfig("int8", "tensor"), cols)
     torch.testing.assert_close(quantized[..., cols], x[..., cols], rtol=0, atol=0)
-    from server.cli import print_report
+    from superweights.server.cli import print_report
 
     monkeypatch.setenv("COLUMNS", "200")  # rich's width when not on a terminal
     print_report(report)
@@ -199,7 +199,7 @@ def test_a_report_from_before_reads_with_defaults():
 
 
 def test_published_agreement_coordinate_by_coordinate():
-    from compression.published import Architecture, Coordinate, PublishedEntry, Source
+    from superweights.compression.published import Architecture, Coordinate, PublishedEntry, Source
 
     entry = PublishedEntry(id="tiny-llama", names=("org/tiny-llama",), coordinates=(Coordinate(1, 17, 99),
                            Coordinate(2, 3, 4)), architecture=Architecture("llama", 64, 256, 4),
@@ -218,7 +218,7 @@ def test_published_agreement_coordinate_by_coordinate():
 
 
 def test_print_report_reads_reports_from_before_and_declared_ones(capsys, monkeypatch):
-    from server.cli import print_report
+    from superweights.server.cli import print_report
 
     monkeypatch.setenv("COLUMNS", "200")
     weight = {"layer": 1, "module": "model.layers.1.mlp.down_proj", "row": 17, "col": 99, "value": 50.0,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compression.adapters import write_adapter
-from compression.detect import SuperWeight, SuperWeightReport
-from compression.format import REMOVED, REMOVED_ONE, is_quantized_linear, scaled_spec, variant_specs
-from compression.fsutil import replacing_dir
-from compression.schemes import SCHEMES
+from superweights.compression.adapters import write_adapter
+from superweights.compression.detect import SuperWeight, SuperWeightReport
+from superweights.compression.format import REMOVED, REMOVED_ONE, is_quantized_linear, scaled_spec, variant_specs
+from superweights.compression.fsutil import replacing_dir
+from superweights.compression.schemes import SCHEMES
 
 DOWN = "model.layers.1.mlp.down_proj"
 
@@ -30,15 +30,18 @@ def _report(*coordinates: tuple[int, int, float]) -> SuperWeightReport:
 
 
 def test_the_vllm_plugin_imports_only_the_format():
-    code = "import compression.vllm_plugin, sys; print(sorted(m for m in sys.modules if m.startswith('compression')))"
+    code = ("import superweights.compression.vllm_plugin, sys; "
+            "print(sorted(m for m in sys.modules if m.startswith('superweights.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     loaded = set(ast.literal_eval(done.stdout.strip().splitlines()[-1]))  # vLLM may log on stdout before it
-    assert loaded <= {"compression", "compression.format", "compression.vllm_plugin", "compression.errors"}
+    ours = {"compression", "compression.format", "compression.vllm_plugin", "compression.errors"}
+    assert loaded <= {f"superweights.{name}" for name in ours}
 
 
 def test_the_format_module_needs_neither_torch_nor_transformers():
-    code = "import compression.format, sys; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = ("import superweights.compression.format, sys; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from compression.errors import UserError
-from compression.published import (
+from superweights.compression.errors import UserError
+from superweights.compression.published import (
     Coordinate,
     CoordinateOutOfRangeError,
     CoordinateSpecError,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from compression.errors import UserError
-from compression.quantize import (
+from superweights.compression.errors import UserError
+from superweights.compression.quantize import (
     ActivationConfig,
     RTNConfig,
     clip_threshold,
@@ -82,7 +82,7 @@ def test_bad_configs_are_user_errors():
 
 
 def test_quantize_model_keeps_the_planted_super_weight():
-    from compression.detect import DetectionSettings, find_super_weights
+    from superweights.compression.detect import DetectionSettings, find_super_weights
     from tests.tiny_models import ByteTokenizer, planted_llama, sampled_text
 
     model = planted_llama()

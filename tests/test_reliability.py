@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 # -- validation without a server -------------------------------------------------------------------------------
 def test_limits_that_cannot_serve_are_refused():
     """--max-concurrent 0 would queue every engine-bound call forever: a one-line error at start, exit 2."""
-    from compression.errors import UserError
-    from server.service import Limits
+    from superweights.compression.errors import UserError
+    from superweights.server.service import Limits
     from tests.conftest import run_cli
     from tests.test_cli_errors import assert_one_line_error
 
@@ -42,7 +42,7 @@ def test_limits_that_cannot_serve_are_refused():
 def test_default_max_tokens_never_exceeds_the_limit():
     from google.protobuf import message_factory
 
-    from server.service import Limits, sampling_from_proto
+    from superweights.server.service import Limits, sampling_from_proto
 
     sampling = common.request_class("Generate").DESCRIPTOR.fields_by_name["sampling"].message_type
     empty = message_factory.GetMessageClass(sampling)()
@@ -219,7 +219,7 @@ def test_sigterm_under_load(tmp_path, servers):
 @pytest.fixture(scope="module")
 def reference_checkpoint():
     """The default model's checkpoint in the real cache (converted once, then reused)."""
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     return resolve_checkpoint(None)
 
@@ -228,7 +228,7 @@ def reference_checkpoint():
 def private_cache(tmp_path, monkeypatch, reference_checkpoint):
     """A copy of the cache (GGUF and converted checkpoint) as $SUPERWEIGHTS_CACHE; conversions are replaced by a
     copy of the real converted checkpoint (the conversion itself takes a minute and is not what is tested)."""
-    import compression.models as models
+    import superweights.compression.models as models
 
     reference = reference_checkpoint.path
     cache = faults.copy_cache(tmp_path / "cache")
@@ -249,7 +249,7 @@ def private_cache(tmp_path, monkeypatch, reference_checkpoint):
                    "files against a manifest (reliability/RESULTS.md)")
 @pytest.mark.parametrize("damage", ["truncated", "altered"])
 def test_damaged_cached_checkpoint_is_rebuilt(private_cache, damage):
-    from compression.models import resolve_checkpoint
+    from superweights.compression.models import resolve_checkpoint
 
     cache, conversions, reference_sha = private_cache
     (checkpoint,) = (cache / "models").iterdir()
@@ -274,7 +274,7 @@ def test_damaged_cached_checkpoint_is_rebuilt(private_cache, damage):
 CONCURRENT_PREPARE = """
 import shutil, sys, time
 from pathlib import Path
-import compression.models as models
+import superweights.compression.models as models
 
 def convert(gguf, out):
     with open(sys.argv[1], "a") as log:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from compression.evaluation import EvalText
+from superweights.compression.evaluation import EvalText
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 64, 256, 4, 256
 
