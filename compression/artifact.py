@@ -43,7 +43,7 @@ from .format import (
     variant_specs,
 )
 from .fsutil import replacing_dir
-from .models import Checkpoint, load_model, sha256_file
+from .models import Checkpoint, load_model, offline_placement, sha256_file
 from .quantize import group_thresholds, held_out_channels, quantized_linears
 from .schemes import Scheme, fit_to_model, get_scheme
 
@@ -128,12 +128,15 @@ def quantization_config(scheme: Scheme, protected: dict[str, list[int]]) -> dict
 
 
 def compress(checkpoint: Checkpoint, report: SuperWeightReport, scheme: Scheme, out: Path,
-             progress: bool = True, eval_tokens: int | None = None) -> Artifact:
+             progress: bool = True, eval_tokens: int | None = None, device: str = "auto",
+             dtype: str = "auto") -> Artifact:
     """Write an artifact of `checkpoint` quantized with `scheme` to `out` (replaced atomically).
 
     Args:
         report: the checkpoint's super-weight report; its super weights are protected when scheme.weights.protect.
         eval_tokens: tokens of the evaluation text measured into evaluation.json (default 4096).
+        device, dtype: where the model is loaded, quantized and evaluated (models.offline_placement); the
+            unquantized tensors (embeddings, norms) are stored in that dtype.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -143,20 +146,22 @@ def compress(checkpoint: Checkpoint, report: SuperWeightReport, scheme: Scheme, 
     out = Path(out).expanduser().resolve()
     if out.exists() and not is_artifact(out) and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not a superweights artifact: give an empty or new directory")
-    model, tokenizer = load_model(checkpoint)
+    device, dtype = offline_placement(device, dtype)
+    model, tokenizer = load_model(checkpoint, device=device, dtype=dtype)
     protected = held_out_channels(report) if scheme.weights.protect else {}
     linears = quantized_linears(model)
     scheme = fit_to_model(scheme, [m.in_features for m in linears.values()])
     tensors: dict[str, torch.Tensor] = {}
     for name, module in tqdm(linears.items(), desc=f"compress {scheme.name}", unit="linear", disable=not progress):
         for key, value in compress_linear(module.weight, scheme, protected.get(name, [])).items():
-            tensors[f"{name}.{key}"] = value.contiguous()
+            tensors[f"{name}.{key}"] = value.cpu().contiguous()
     quantized = {f"{n}.weight" for n in linears}
     for key, value in model.state_dict().items():
         if key not in quantized and key not in tensors:
-            tensors[key] = value.contiguous()
+            tensors[key] = value.cpu().contiguous()
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
+    del model  # the artifact is evaluated from what was written, not from this model
     with replacing_dir(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         config = json.loads((checkpoint.path / "config.json").read_text())
@@ -169,7 +174,7 @@ def compress(checkpoint: Checkpoint, report: SuperWeightReport, scheme: Scheme, 
         for spec in variant_specs(report):
             write_adapter(report, tmp / ADAPTERS / spec.name, alpha=spec.alpha, weights=list(spec.weights),
                           base_model=str(out))
-        evaluation = evaluate_artifact_dir(tmp, scheme, report, tokenizer, eval_tokens)
+        evaluation = evaluate_artifact_dir(tmp, scheme, report, tokenizer, eval_tokens, device=device, dtype=dtype)
         for path in tmp.rglob("*"):  # readable by whoever serves it, whatever the source files' modes
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
@@ -251,7 +256,7 @@ def served_report(artifact: Artifact) -> SuperWeightReport:
 
 
 @torch.no_grad()
-def load_artifact_model(root: Path, scheme: Scheme, dtype: torch.dtype = torch.float32):
+def load_artifact_model(root: Path, scheme: Scheme, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """The artifact as a transformers model computing what vLLM computes: dequantized weights, protected
     columns dense; returns (model, quantized module names, held-out channels) for quantize_activations."""
     from safetensors.torch import load_file
@@ -279,22 +284,24 @@ def load_artifact_model(root: Path, scheme: Scheme, dtype: torch.dtype = torch.f
         raise ArtifactError(f"{root / 'model.safetensors'} does not fit its config: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
     model.tie_weights()
-    return model, modules, protected
+    return model.to(device), modules, protected
 
 
 def evaluate_artifact_dir(root: Path, scheme: Scheme, report: SuperWeightReport, tokenizer,
-                          eval_tokens: int | None = None, window: int | None = None) -> dict:
+                          eval_tokens: int | None = None, window: int | None = None, device: str = "auto",
+                          dtype: str = "auto") -> dict:
     """Offline quality of an artifact (weights as stored, activations quantized as vLLM does), and with its
-    super weights removed: the numbers the served artifact must reproduce."""
+    super weights removed: the numbers the served artifact must reproduce (device, dtype: offline_placement)."""
     from .evaluation import evaluate, load_eval_text, stop_word_ids
     from .quantize import quantize_activations
 
     tokens = eval_tokens or ARTIFACT_EVAL_TOKENS
-    window = window or report.eval["window"]
+    window = window or report.evaluation.window
     text = load_eval_text(tokenizer)
     ids = text.ids[:tokens]
     stop_ids = stop_word_ids(lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])
-    model, modules, protected = load_artifact_model(root, scheme)
+    device, dtype = offline_placement(device, dtype)
+    model, modules, protected = load_artifact_model(root, scheme, getattr(torch, dtype), device)
     results = {}
     for arm in ("base", "removed"):
         if arm == "removed":
@@ -311,6 +318,7 @@ def evaluate_artifact_dir(root: Path, scheme: Scheme, report: SuperWeightReport,
             results[arm] = evaluate(model, ids, window=window, stop_ids=stop_ids, bos_id=text.bos_id)
         log.info("artifact %s: perplexity %.3f (%s)", scheme.label, results[arm].perplexity, arm)
     base = results["base"]
-    return {"scheme": scheme.label, "tokens": int(ids.numel()), "window": window, "perplexity": base.perplexity,
+    return {"scheme": scheme.label, "tokens": int(ids.numel()), "window": window, "device": device, "dtype": dtype,
+            "perplexity": base.perplexity,
             "next_token_accuracy": base.next_token_accuracy, "stop_word_mass": base.stop_word_mass,
             "removed_perplexity": results["removed"].perplexity if "removed" in results else base.perplexity}

@@ -86,4 +86,4 @@ def declared_report(checkpoint: Checkpoint, coordinates: list[Coordinate]) -> Su
 
 
 def is_declared(report: SuperWeightReport) -> bool:
-    return bool(report.model.get("declared"))
+    return report.facts.declared

@@ -132,6 +132,53 @@ def _activations(entries: list[dict]) -> list[SuperActivation]:
     return [SuperActivation.from_dict(a) for a in merged.values()]
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a report says about its model (report.model, typed; the JSON keeps the dict)."""
+
+    name: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int | None
+    sha256: str
+    declared: bool  # super weights declared (--super-weights), not detected
+    protected: bool  # False: an artifact made with --no-protect
+
+    @classmethod
+    def of(cls, m: dict) -> ModelFacts:
+        return cls(name=m.get("name") or m.get("architecture", ""), architecture=m.get("architecture", ""),
+                   hidden_size=m["hidden_size"], intermediate_size=m.get("intermediate_size"),
+                   sha256=m.get("sha256", ""), declared=bool(m.get("declared")), protected=m.get("protected", True))
+
+
+@dataclass(frozen=True)
+class EvalFacts:
+    """What a report measured on its evaluation text (report.eval, typed); perplexity ratios are over the intact
+    model's on the same tokens."""
+
+    text: str
+    tokens: int
+    window: int
+    bos: bool  # every window starts with BOS
+    baseline_perplexity: float | None
+    removed_ratio: float | None  # every super weight removed
+    control_ratio: float | None  # as many of the largest other down-projection weights removed
+    dtype: str  # the offline dtype the numbers were computed in
+
+    @classmethod
+    def of(cls, e: dict) -> EvalFacts:
+        base = e.get("baseline_perplexity")
+
+        def ratio(name: str) -> float | None:  # reports from before stored only perplexities, on the same tokens
+            if f"{name}_ratio" in e:
+                return e[f"{name}_ratio"]
+            return e[f"{name}_perplexity"] / base if e.get(f"{name}_perplexity") and base else None
+
+        return cls(text=e.get("text", ""), tokens=e.get("tokens", 0), window=e.get("window", 512),
+                   bos=bool(e.get("bos")), baseline_perplexity=base, removed_ratio=ratio("removed"),
+                   control_ratio=ratio("control"), dtype=e.get("dtype", "float32"))
+
+
 @dataclass
 class SuperWeightReport:
     model: dict
@@ -146,6 +193,18 @@ class SuperWeightReport:
     schema: str = REPORT_SCHEMA
     published: dict | None = None  # agreement with the directory of published super weights (published_agreement)
     timings: dict = field(default_factory=dict)  # seconds per detection phase
+
+    @property
+    def facts(self) -> ModelFacts:
+        return ModelFacts.of(self.model)
+
+    @property
+    def evaluation(self) -> EvalFacts:
+        return EvalFacts.of(self.eval)
+
+    @property
+    def min_effect(self) -> float:
+        return self.settings.get("min_effect", DetectionSettings.min_effect)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,6 +340,16 @@ def _largest_other_weights(projections: list[DownProjection], exclude: list[Supe
                 pool.append(SuperWeight(layer=p.layer, module=p.name, row=row, col=col,
                                         value=float(w[row, col]), input_magnitude=0.0, output_magnitude=0.0))
     return sorted(pool, key=lambda w: -abs(w.value))[:k]
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA memory allocated on a GPU (since the last reset_peak_memory_stats), else the
+    process's peak resident set size (a high-water mark: it never goes down)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 # -- verification ----------------------------------------------------------------------------------------------
@@ -513,15 +582,19 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
     """
     from tqdm.auto import tqdm
 
-    timings: dict[str, float] = {}
+    timings: dict = {"memory_mib": {}}
     bar = tqdm(total=5, desc="detecting super weights", disable=not progress, unit="phase")
+    device = next(model.parameters()).device
 
     @contextlib.contextmanager
     def phase(name: str) -> Iterator[None]:
         bar.set_postfix_str(name)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         yield
         timings[name] = round(time.perf_counter() - start, 3)
+        timings["memory_mib"][name] = peak_memory_mib(device)
         bar.update(1)
 
     projections = find_down_projections(model)

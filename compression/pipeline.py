@@ -6,33 +6,37 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .architectures import find_down_projections
-from .detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport, find_super_weights
+from .detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport, find_super_weights, peak_memory_mib
 from .evaluation import load_eval_text
-from .models import Checkpoint, cache_dir, load_model, resolve_checkpoint
+from .models import Checkpoint, cache_dir, load_model, offline_placement, resolve_checkpoint
 
 log = logging.getLogger(__name__)
-DETECTOR_REVISION = 4  # bump when detection or the report's content changes: cached reports are then recomputed
+DETECTOR_REVISION = 5  # bump when detection or the report's content changes: cached reports are then recomputed
 
 
-def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None) -> str:
+def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None,
+                placement: tuple[str, str]) -> str:
     from .evaluation import DEFAULT_EVAL_TEXT, EvalTextError
 
     try:
         eval_bytes = Path(eval_path or DEFAULT_EVAL_TEXT).read_bytes()
     except OSError as e:
         raise EvalTextError(f"cannot read evaluation text {eval_path}: {e.strerror}") from e
-    material = json.dumps({"detector": DETECTOR_REVISION, "model": checkpoint.sha256, "prompt": prompt,
-                           "settings": asdict(settings),
-                           "eval": hashlib.sha256(eval_bytes).hexdigest()}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:24]
+    material = {"detector": DETECTOR_REVISION, "model": checkpoint.sha256, "prompt": prompt,
+                "settings": asdict(settings), "eval": hashlib.sha256(eval_bytes).hexdigest()}
+    if placement != ("cpu", "float32"):  # the reports cached before devices were chosen were all CPU float32
+        material["placement"] = list(placement)
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _report_path(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None) -> Path:
-    return cache_dir() / "reports" / f"{_report_key(checkpoint, prompt, settings, eval_path)}.json"
+def _report_path(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None,
+                 placement: tuple[str, str]) -> Path:
+    return cache_dir() / "reports" / f"{_report_key(checkpoint, prompt, settings, eval_path, placement)}.json"
 
 
 def _load_cached(path: Path) -> SuperWeightReport | None:
@@ -46,40 +50,58 @@ def _load_cached(path: Path) -> SuperWeightReport | None:
 
 
 def cached_report(source: str | None = None, *, prompt: str = DEFAULT_PROMPT,
-                  settings: DetectionSettings | None = None,
-                  eval_path: Path | None = None) -> tuple[Checkpoint, SuperWeightReport] | None:
-    """(checkpoint, report) when detection already ran for exactly this model, prompt, settings and text."""
+                  settings: DetectionSettings | None = None, eval_path: Path | None = None, device: str = "auto",
+                  dtype: str = "auto") -> tuple[Checkpoint, SuperWeightReport] | None:
+    """(checkpoint, report) when detection already ran for exactly this model, prompt, settings, text and
+    offline device and dtype."""
     checkpoint = resolve_checkpoint(source)
-    report = _load_cached(_report_path(checkpoint, prompt, settings or DetectionSettings(), eval_path))
+    placement = offline_placement(device, dtype)
+    path = _report_path(checkpoint, prompt, settings or DetectionSettings(), eval_path, placement)
+    report = _load_cached(path)
     return None if report is None else (checkpoint, report)
 
 
 def detect(source: str | None = None, *, prompt: str = DEFAULT_PROMPT, settings: DetectionSettings | None = None,
-           eval_path: Path | None = None, use_cache: bool = True,
-           progress: bool = True) -> tuple[Checkpoint, SuperWeightReport]:
+           eval_path: Path | None = None, use_cache: bool = True, progress: bool = True, device: str = "auto",
+           dtype: str = "auto") -> tuple[Checkpoint, SuperWeightReport]:
     """Resolve a model source and return its verified super-weight report (cached on disk by content).
 
     Args:
-        source: None/"default", a .gguf file or a checkpoint directory (see resolve_checkpoint).
+        source: None/"default", a published model's name, a .gguf file or a checkpoint directory
+            (see resolve_checkpoint).
         prompt: the detection prompt.
         settings: detection thresholds.
         eval_path: evaluation text; the bundled Moby-Dick chapters by default.
-        use_cache: reuse a report computed before for the same model, prompt, settings and text.
+        use_cache: reuse a report computed before for the same model, prompt, settings, text and placement.
         progress: progress bars on stderr.
+        device, dtype: where the model is loaded for detection (offline_placement: "auto" is the GPU in bfloat16
+            when there is one, else the CPU in float32).
     """
     settings = settings or DetectionSettings()
+    placement = offline_placement(device, dtype)
+    start = time.perf_counter()
     checkpoint = resolve_checkpoint(source)
-    cached = _report_path(checkpoint, prompt, settings, eval_path)
+    prepared = time.perf_counter()
+    cached = _report_path(checkpoint, prompt, settings, eval_path, placement)
     if use_cache and (report := _load_cached(cached)) is not None:
         return checkpoint, report
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load_model(checkpoint, device=placement[0], dtype=placement[1])
+    loaded = time.perf_counter()
+    load_memory = peak_memory_mib(next(model.parameters()).device)
     find_down_projections(model)  # fail on an unsupported structure before any work
     eval_text = load_eval_text(tokenizer, eval_path)
     report = find_super_weights(model, tokenizer, eval_text, prompt=prompt, settings=settings, progress=progress,
                                 model_info={"name": checkpoint.name, "source": checkpoint.source,
                                             "sha256": checkpoint.sha256})
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(report.to_json())
-    os.replace(tmp, cached)
+    report.timings = {"prepare": round(prepared - start, 3), "load": round(loaded - prepared, 3), **report.timings,
+                      "memory_mib": {"load": load_memory, **report.timings.get("memory_mib", {})}}
+    report.eval.update(device=placement[0], dtype=placement[1])
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(report.to_json())
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only or full cache: the report is still good, it is just not kept
+        log.warning("could not cache the report in %s (%s): detection will run again next time", cached.parent,
+                    e.strerror)
     return checkpoint, report

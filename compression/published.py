@@ -245,7 +245,8 @@ def check_fits(coordinates: Iterable[Located], num_layers: int, hidden: int, int
     for c in map(Coordinate.of, coordinates):
         reasons = [
             f"{axis} {value} not in 0-{size - 1}"
-            for axis, value, size in (("layer", c.layer, num_layers), ("row", c.row, hidden), ("col", c.col, intermediate))
+            for axis, value, size in (("layer", c.layer, num_layers), ("row", c.row, hidden),
+                                      ("col", c.col, intermediate))
             if not 0 <= value < size
         ]
         if reasons:
@@ -383,4 +384,5 @@ def _check_unique(entries: Sequence[PublishedEntry], where: str) -> None:
     for entry in entries:
         for key in {entry.id.lower(), *map(_name_key, entry.names)}:
             if owners.setdefault(key, entry.id) != entry.id:
-                raise MalformedDirectoryError(f"{where}, entry {entry.id!r}: the name {key!r} also names {owners[key]!r}")
+                raise MalformedDirectoryError(f"{where}, entry {entry.id!r}: the name {key!r} also names "
+                                              f"{owners[key]!r}")

@@ -48,11 +48,13 @@ def _row(scheme: str, protect: bool, clip: str, q: Quality, seconds: float) -> S
 
 def evaluate_schemes(checkpoint: Checkpoint, report: SuperWeightReport, schemes: list[Scheme],
                      clips: tuple[tuple[Clip, float], ...] = (("none", 0.0), ("search", 0.0)),
-                     tokens: int = 4096, window: int = 512, progress: bool = True) -> list[SchemeResult]:
-    """The original model, then each scheme x {plain, protected} x clips; one row each."""
+                     tokens: int = 4096, window: int = 512, progress: bool = True, device: str = "auto",
+                     dtype: str = "auto") -> list[SchemeResult]:
+    """The original model, then each scheme x {plain, protected} x clips; one row each (device, dtype: where the
+    model is loaded, models.offline_placement)."""
     from tqdm import tqdm
 
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load_model(checkpoint, device=device, dtype=dtype)
     text = load_eval_text(tokenizer)
     ids = text.ids[:tokens]
     stop_ids = stop_word_ids(lambda s: tokenizer(s, add_special_tokens=False)["input_ids"])

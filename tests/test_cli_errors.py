@@ -39,3 +39,11 @@ def test_checkpoint_without_down_projection(tmp_path):
 
 def test_bad_setting():
     assert_one_line_error(run_cli("-q", "detect", "--min-effect", "0.5"), "min_effect")
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # this check is for machines without a GPU (CI here)
+    assert_one_line_error(run_cli("-q", "detect", "--device", "cuda"), "sees no GPU", "--device cpu")

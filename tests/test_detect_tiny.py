@@ -241,3 +241,30 @@ def test_print_report_reads_reports_from_before_and_declared_ones(capsys, monkey
                                         conditional_ratio=None)])
     print_report(SuperWeightReport.from_dict(declared))  # no evaluation, no ratios: printed as "-"
     assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+
+
+def test_offline_placement_follows_the_machine():
+    """auto: the GPU in bfloat16 when torch sees one, else the CPU in float32; a GPU asked for and absent is an
+    error a person can act on."""
+    from superweights.compression.errors import UserError
+    from superweights.compression.models import offline_placement
+
+    cuda = torch.cuda.is_available()
+    assert offline_placement() == (("cuda", "bfloat16") if cuda else ("cpu", "float32"))
+    assert offline_placement("cpu") == ("cpu", "float32")
+    assert offline_placement("cpu", "bfloat16") == ("cpu", "bfloat16")
+    if not cuda:
+        with pytest.raises(UserError, match="sees no GPU"):
+            offline_placement("cuda")
+    with pytest.raises(UserError, match="dtype one of"):
+        offline_placement("cpu", "int8")
+
+
+def test_detection_in_bfloat16_finds_the_same_weight():
+    """The offline dtype is the caller's: in bfloat16 the planted weight is found at the same place (its value
+    rounded to bfloat16), as on a GPU."""
+    model = planted_llama(layer=1, row=17, col=99, value=50.0).to(torch.bfloat16)
+    report = find_super_weights(model, ByteTokenizer(), sampled_text(model), settings=SETTINGS, progress=False)
+    assert [(w.layer, w.row, w.col, w.value) for w in report.super_weights] == [(1, 17, 99, 50.0)]
+    assert set(report.timings["memory_mib"]) == {"scan", "baseline", "verify", "controls", "activations"}
+    assert all(v > 0 for v in report.timings["memory_mib"].values())
