@@ -120,7 +120,10 @@ class OpenAIClient:
 
         self.url = f"http://127.0.0.1:{port}/v1/completions"
         self.model = model
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        # no connection pool limit: aiohttp's default of 100 held a "256 streams" level to 100 in flight, and
+        # counted the wait for a connection as time to first token
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=None))
 
     async def stream(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,

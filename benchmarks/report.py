@@ -4,7 +4,8 @@
 
 Reads, under benchmarks/: results.json (run_all), zero_adapter.json (zero_adapter_cost), profile.json
 (profile_ours), and in gpu/: gpu_*.json (gpu_run), lora_scope_*.json (gpu_lora_scope), first_session_lora.json
-(the first GPU session's LoRA figures, from the shared notes), artifacts_*.json (gpu_artifacts).
+(the first GPU session's LoRA figures, from the shared notes), artifacts_*.json (gpu_artifacts), gpu8b_*.json
+(gpu_8b, gpu_8b_lora, gpu_8b_quant, gpu_8b_tp: the 8B-shaped model).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def write_report(path: Path, out_dir: Path) -> None:
     lines += gpu_lines([json.loads(p.read_text()) for p in sorted(gpu.glob("gpu_*.json"))])
     lines += lora_scope_lines(_entries(gpu, "lora_scope_*.json"), _entries(gpu, "first_session_lora.json"))
     lines += artifact_lines(_entries(gpu, "artifacts_*.json"))
+    lines += gpu8b_lines(gpu)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -389,3 +391,241 @@ def artifact_lines(results: list[dict]) -> list[str]:
 
 if __name__ == "__main__":
     main()
+
+
+# -- issue 13: the 8B-shaped model on the H200 (benchmarks/gpu_8b*.py) ----------------------------------------------
+GPU8B_STEPS = """```bash
+# here, once: vLLM's pack, the wheels the device lacks, the model directory (config + tokenizer, a few MB)
+bash scripts/gpu/pack.sh .gpu          # chunks and unpack.sh; /.gpu/ /.whl/ /.models/ in .git/info/exclude
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl grpcio==1.85.3 protobuf==7.36.2 \\
+  grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 smg-grpc-servicer==0.14.1 smg-grpc-proto==0.4.28 \\
+  loguru==0.7.3
+python -m benchmarks.model_8b TOKENIZER_DIR .models/llama3-8b-shape
+# device calls, back to back (a machine idle for 30 s is handed back bare): the pack's chunks one a call, the
+# last one unpacked (shared/gpu/README.md); then, each carrying superweights/v1 and .models/llama3-8b-shape
+# (and .whl the first time; benchmarks/gpu_8b.sh installs it, sets PYTHONPATH and runs the script):
+#   bash benchmarks/gpu_8b.sh gpu_8b                       serving, four ways
+#   bash benchmarks/gpu_8b.sh gpu_8b_lora                  what the A/B arms cost base traffic
+#   bash benchmarks/gpu_8b.sh gpu_8b_quant bf16 w4a16      quantized serving (fp8-dynamic w8a8: another call)
+cp <fetched>/gpu8b_*.json benchmarks/gpu/ && python -m benchmarks.report
+```"""
+
+
+def gpu8b_lines(gpu: Path) -> list[str]:
+    """BENCHMARKS.md's section on the 8B-shaped model, from whichever of its results exist."""
+    serving = _json_or_none(gpu / "gpu8b_serving.json")
+    lora = _json_or_none(gpu / "gpu8b_lora.json")
+    quant = [json.loads(p.read_text()) for p in sorted(gpu.glob("gpu8b_quant_*.json"))]
+    tp = _json_or_none(gpu / "gpu8b_tp.json")
+    if not (serving or lora or quant or tp):
+        return []
+    first = next(r for r in (serving, lora, *quant, tp) if r)
+    lines = ["", "## GPU: an 8B-shaped model", "",
+             (f"Measured {first['date']} on the lent {first['gpu']}: vLLM {first['vllm']}, torch {first['torch']}, "
+              f"smg-grpc-servicer {first.get('smg_grpc_servicer')}. The model is Llama-3-8B's architecture (hidden "
+              "4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, rope theta 500,000) with a tokenizer we "
+              "have (`benchmarks/model_8b.py`), served with vLLM's dummy weights (`load_format=dummy`): throughput "
+              "on dummy weights is real throughput, but no figure here says anything about quality, which needs "
+              f"real weights. The super weights are declared, Meta-Llama-3-8B's published {first['super_weights']}, "
+              "their values read back from the engine (dummy weights hold none of their own). The command "
+              "sequence:"), "", GPU8B_STEPS]
+    if serving:
+        lines += gpu8b_serving_lines(serving, gpu)
+    lines += gpu8b_lora_lines(lora) if lora else ["", "### What the A/B arms cost base traffic at 8B", "",
+                                                  "Not measured yet (`benchmarks/gpu_8b_lora.py`)."]
+    lines += gpu8b_quant_lines(quant) if quant else ["", "### Quantized serving at 8B", "",
+                                                     "Not measured yet (`benchmarks/gpu_8b_quant.py`)."]
+    return lines + gpu8b_tp_lines(tp)
+
+
+def _json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ms(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _arm_levels(run: dict) -> dict[str, dict[int, dict]]:
+    return {a["arm"]: {lv["concurrency"]: lv for lv in a.get("levels", [])} for a in run["arms"]}
+
+
+def _unfinished(entries: list[dict], key: str) -> list[str]:
+    """'`name` skipped: why' / 'did not complete: error' lines, said plainly."""
+    return [f"\n`{e[key]}` skipped: {e['skipped']}." if e.get("skipped") else
+            f"\n`{e[key]}` did not complete: {e['error'][:300]}" for e in entries if e.get("skipped") or
+            e.get("error")]
+
+
+def gpu8b_serving_lines(run: dict, gpu: Path) -> list[str]:
+    by_arm = _arm_levels(run)
+    options = next((a["engine_options"] for a in run["arms"] if a.get("engine_options")), {})
+    lines = ["", "### Serving side by side", "",
+             (f"One device call (`benchmarks/gpu_8b.py`), the arms one after the other: {', '.join(by_arm)}. Each "
+              f"level is N concurrent streams, {run['tokens']} greedy tokens per request, end of sequence ignored, "
+              f"fixed 32-token prompts, {' / '.join(f'{v} at {k}' for k, v in run['per_client'].items())} requests "
+              "per stream; `offline` is vLLM's `LLM` given N prompts at once, the same number of rounds (no client, "
+              "no server: the ceiling for a front end). Every arm has our server's engine options: "
+              f"`{json.dumps(options)}`."), "",
+             *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "errors"],
+                      "lrrrrrrr")]
+    for arm, levels in by_arm.items():
+        for c, lv in sorted(levels.items()):
+            lines.append(f"| {arm} | {c} | {lv['tokens_per_s']:,.0f} | {_ms(lv.get('ttft_p50_ms'))} | "
+                         f"{_ms(lv.get('ttft_p99_ms'))} | {_ms(lv.get('itl_p50_ms'), '.2f')} | "
+                         f"{_ms(lv.get('itl_p99_ms'), '.2f')} | {lv.get('errors', 0)} |")
+    lines += _unfinished(run["arms"], "arm")
+    ours = by_arm.get("ours", {})
+    for other, key, what in (("offline", "tokens_per_s", "tok/s"), ("vllm-grpc", "tokens_per_s", "tok/s"),
+                             ("vllm-openai", "tokens_per_s", "tok/s"), ("vllm-openai", "ttft_p50_ms", "TTFT p50")):
+        theirs = by_arm.get(other, {})
+        common = sorted(c for c in set(ours) & set(theirs) if theirs[c].get(key))
+        if common:
+            lines += ["", f"ours / {other}, {what}: " + ", ".join(
+                f"{c} streams {ours[c][key] / theirs[c][key]:.2f}" for c in common)]
+    lines += gpu8b_goal_lines(by_arm)
+    lines += gpu8b_ttft_lines(by_arm)
+    png = gpu8b_plot(by_arm, gpu, f"8B-shaped, bf16, {_short(run['gpu'] or 'GPU')}")
+    return lines + ["", f"![gpu8b_serving.png](benchmarks/gpu/{png})"] if png else lines
+
+
+def gpu8b_goal_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
+    """Issue 13's goals for our server, each met or not, where both sides were measured."""
+    ours, goals = by_arm.get("ours", {}), []
+    for other, key, levels, test, goal in (
+            ("offline", "tokens_per_s", [256], lambda a, b: a >= 0.95 * b, "throughput at least 0.95x offline at 256"),
+            ("vllm-grpc", "tokens_per_s", None, lambda a, b: a >= b, "throughput at least vLLM's gRPC server's"),
+            ("vllm-openai", "ttft_p50_ms", None, lambda a, b: a <= b, "TTFT p50 no worse than vLLM's OpenAI server's")):
+        theirs = by_arm.get(other, {})
+        common = [c for c in (levels or sorted(set(ours) & set(theirs))) if c in ours and c in theirs
+                  and theirs[c].get(key) is not None and ours[c].get(key) is not None]
+        if common:
+            missed = [c for c in common if not test(ours[c][key], theirs[c][key])]
+            verdict = "met" if not missed else f"not met at {', '.join(map(str, missed))} streams"
+            goals.append(f"{goal}: {verdict}")
+    return ["", "Goals: " + "; ".join(goals) + "."] if goals else []
+
+
+def gpu8b_ttft_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
+    """Client TTFT against where the servers say the time went (vLLM's histograms, our servicer's)."""
+    rows = [(arm, c, lv) for arm, levels in by_arm.items() for c, lv in sorted(levels.items())
+            if lv.get("server_side")]
+    if not rows:
+        return []
+    lines = ["", ("Where the time to first token goes (means over the level, from each server's own metrics; the "
+                  "peaks are the largest of the gauges polled every 0.5 s; `-` where a server does not export it, "
+                  "as vLLM's gRPC server does not). How to read it: requests waiting in the engine and an engine "
+                  "queue time near a whole request's length mean the scheduler holds them (too few sequences a "
+                  "step); a client TTFT well above the servicer's means delivery (the event loop, per-token "
+                  "messages); a queue peak of ours above 0 means our admission held them."), "",
+             *_header(["arm", "streams", "client TTFT p50 ms", "servicer TTFT ms", "engine TTFT ms",
+                       "engine queue ms", "engine prefill ms", "running peak", "waiting peak", "our queue peak"],
+                      "lrrrrrrrrr")]
+    for arm, c, lv in rows:
+        s = lv["server_side"]
+        mean = {k: s[k]["mean_ms"] if k in s else None for k in
+                ("servicer_ttft", "engine_ttft", "engine_queue", "engine_prefill")}
+        peak = s.get("peak", {})
+        lines.append(f"| {arm} | {c} | {_ms(lv.get('ttft_p50_ms'))} | {_ms(mean['servicer_ttft'])} | "
+                     f"{_ms(mean['engine_ttft'])} | {_ms(mean['engine_queue'])} | {_ms(mean['engine_prefill'])} | "
+                     f"{peak.get('running', 0):.0f} | {peak.get('waiting', 0):.0f} | "
+                     f"{peak.get('admission_queued', 0):.0f} |")
+    return lines
+
+
+def gpu8b_plot(by_arm: dict[str, dict[int, dict]], out_dir: Path, title: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = {arm: levels for arm, levels in by_arm.items() if len(levels) > 1}
+    if not measured:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (key, label) in zip(axes, (("tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "TTFT p50 (ms)"))):
+        for arm, levels in measured.items():
+            xs = sorted(c for c in levels if levels[c].get(key) is not None)
+            ax.plot(xs, [levels[c][key] for c in xs], marker="o", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(f"{label}, {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu8b_serving.png", dpi=110)
+    plt.close(fig)
+    return "gpu8b_serving.png"
+
+
+def gpu8b_lora_lines(run: dict) -> list[str]:
+    configs = {c["config"]: c for c in run["configs"] if c.get("base")}
+    off = {lv["concurrency"]: lv["tokens_per_s"] for lv in configs.get("off", {}).get("base", [])}
+    batches = sorted({lv["concurrency"] for c in configs.values() for lv in c["base"]})
+    lines = ["", "### What the A/B arms cost base traffic at 8B", "",
+             (f"vLLM's offline `LLM` (`benchmarks/gpu_8b_lora.py`), {run['tokens']} greedy tokens per request, "
+              f"{run['rounds']} batches per figure. `base` rows: requests without an adapter; `mixed` rows: "
+              f"{100 * run['mix']:.0f}% of each batch on the removal arm (a rank-3 adapter removing the declared "
+              "super weights, their values probed from the engine), tok/s over all requests."), "",
+             *_header(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off"], "ll" + "r" * len(batches))]
+    for name, label in LORA_LABELS.items():
+        entry = configs.get(name)
+        if not entry:
+            continue
+        for kind in ("base", "mixed"):
+            tok = {lv["concurrency"]: lv["tokens_per_s"] for lv in entry.get(kind, [])}
+            if not tok:
+                continue
+            vs = " / ".join(f"{tok[b] / off[b]:.2f}" for b in batches if b in tok and b in off) or "-"
+            lines.append(f"| {label} | {kind} | " + " | ".join(f"{tok[b]:,.0f}" if b in tok else "-" for b in batches)
+                         + f" | {vs} |")
+    return lines + _unfinished(run["configs"], "config")
+
+
+def gpu8b_quant_lines(runs: list[dict]) -> list[str]:
+    entries = [e for r in runs for e in r["models"]]
+    by_name = {e["model"]: e for e in entries if e.get("decode")}
+    bf16 = {lv["concurrency"]: lv["tokens_per_s"] for lv in by_name.get("bf16", {}).get("decode", [])}
+    streams = sorted({lv["concurrency"] for e in by_name.values() for lv in e["decode"]})
+    weights = _distinct(runs, "weights")
+    planted = next((r["planted"] for r in runs if r.get("planted") is not None), None)
+    lines = ["", "### Quantized serving at 8B", "",
+             (f"`benchmarks/gpu_8b_quant.py`: artifacts of the 8B-shaped model made on the device ({weights}), the "
+              "declared super weights protected (their columns held out of every scale and stored dense), served "
+              "by vLLM's offline `LLM` through the superweights plugin with LoRA on (down_proj); decode tok/s of "
+              f"{_distinct(runs, 'tokens')}-token greedy streams. `engine values` are the super weights as the "
+              "engine computes with them (SuperWeightProbe)"
+              + (f", against the planted {planted:g}." if planted is not None else ".")), "",
+             *_header(["model", *(f"decode tok/s, {s} streams" for s in streams), "vs bf16", "engine values",
+                       "start s"], "l" + "r" * (len(streams) + 1) + "lr")]
+    for name, e in by_name.items():
+        tok = {lv["concurrency"]: lv["tokens_per_s"] for lv in e["decode"]}
+        vs = " / ".join(f"{tok[s] / bf16[s]:.2f}" for s in streams if s in tok and s in bf16) or "-"
+        values = ", ".join("-" if v is None else f"{v:.4f}" for v in e.get("engine_values") or [])
+        lines.append(f"| {name} | " + " | ".join(f"{tok[s]:,.0f}" if s in tok else "-" for s in streams)
+                     + f" | {vs} | {values} | {e['startup_seconds']:.0f} |")
+    if "w4a16" in by_name and 1 in bf16:
+        ratio = {lv["concurrency"]: lv["tokens_per_s"] for lv in by_name["w4a16"]["decode"]}[1] / bf16[1]
+        lines += ["", f"w4a16 at batch 1: {ratio:.2f}x bf16 (goal: at least 1.5x)."]
+    return lines + _unfinished(entries, "model")
+
+
+def gpu8b_tp_lines(run: dict | None) -> list[str]:
+    lines = ["", "### Tensor and pipeline parallelism (two H200s)", ""]
+    if not run:
+        return lines + [("Not measured: it needs the `nvidia-h200-x2` kind (two H200s of one host), which was not "
+                         "lent in the session that measured the rest. The call is `benchmarks/gpu_8b_tp.py` (TP=2 "
+                         "throughput at 32 and 256 streams against TP=1, a protected artifact at TP=2 with the "
+                         "super weights probed on every rank, PP=2 once, the removal arm on a real model); on CPU "
+                         "the sharded correction is tested against a dense layer with simulated ranks "
+                         "(tests/test_tp_correction.py).")]
+    lines += [f"Measured {run['date']} on {run['gpus']} x {run['gpu']} (`benchmarks/gpu_8b_tp.py`).", "",
+              *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "checks"], "lrrrl")]
+    for arm in run["arms"]:
+        checks = arm.get("checks", {})
+        summary = ", ".join(f"{k} {v}" for k, v in checks.items() if isinstance(v, bool)) or "-"
+        for lv in arm.get("levels", []) or [{}]:
+            lines.append(f"| {arm['arm']} | {lv.get('concurrency', '-')} | {_ms(lv.get('tokens_per_s'), ',.0f')} | "
+                         f"{_ms(lv.get('ttft_p50_ms'))} | {summary} |")
+    return lines + _unfinished(run["arms"], "arm")

@@ -5,6 +5,9 @@ server, the engine-core and worker processes) registers the quantization method 
 name in config.json. It is compressed-tensors plus, on each protected module:
     y = Q(x with the protected channels zeroed) + x[:, cols] @ W[:, cols]^T      # W[:, cols]: [out, k] float32
 Q is vLLM's own compressed-tensors kernel (int8, fp8, Marlin int4); the correction runs in float32.
+Under tensor parallelism the down-projection (vLLM's RowParallelLinear) splits its input columns over the ranks and
+all-reduces their partial sums, so the correction splits with them: rank r holds the protected columns c_r inside
+its input shard and adds x_r[:, c_r] @ W[:, c_r]^T to its partial sum (sum over r = the whole correction).
 
 It also lets LoRA wrap int8 layers on CPU: vLLM's CPU int8 kernel prepacks the weight and sets `weight = None`,
 and the LoRA wrapper reads `weight.device`; a zero-size placeholder on the same device answers that.
@@ -102,12 +105,29 @@ def _is_cpu_dynamic_int8(layer: torch.nn.Module) -> bool:
             and getattr(scheme, "input_symmetric", False) is True)
 
 
+def shard_columns(columns: list[int], start: int, size: int) -> tuple[list[int], list[int]]:
+    """The protected columns inside one rank's input shard [start, start + size): (their positions in `columns`,
+    i.e. in the checkpoint's COLUMN_WEIGHT, and their indices into the rank's input)."""
+    held = [(i, c - start) for i, c in enumerate(columns) if start <= c < start + size]
+    return [i for i, _ in held], [c for _, c in held]
+
+
+def column_weight_loader(picks: list[int]):
+    """vLLM weight loader for COLUMN_WEIGHT: the checkpoint's [out, k] columns -> this rank's [out, k_local]."""
+
+    def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        param.data.copy_(loaded_weight[:, picks])
+
+    return load
+
+
 class ProtectedLinearMethod(LinearMethodBase):
     """Wraps a layer's compressed-tensors method; adds the dense super-weight columns where there are any."""
 
     def __init__(self, inner, columns: list[int]):
         self.inner = inner
-        self.columns = list(columns)
+        self.columns = list(columns)  # the module's protected input columns, in the checkpoint's order
+        self.local_columns = bool(self.columns)  # whether this rank holds any of them (create_weights)
         self.exact_int8: ExactCPUInt8 | None = None
 
     def __getattr__(self, name: str) -> Any:  # attributes vLLM looks for on the method it chose
@@ -122,17 +142,22 @@ class ProtectedLinearMethod(LinearMethodBase):
                                   params_dtype, **extra_weight_attrs)
         if not self.columns:
             return
-        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
-            raise ValueError("superweights: a protected module split by tensor parallelism is not supported; "
-                             "serve this artifact with tensor_parallel_size=1")
-        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+        if sum(output_partition_sizes) != output_size:
+            raise ValueError("superweights: protected columns on a module whose outputs tensor parallelism splits "
+                             "(column-parallel) are not supported; super weights live in the down-projection, "
+                             "which splits its inputs: serve this artifact with tensor_parallel_size=1")
         from vllm.model_executor.utils import set_weight_attrs
 
-        weight = torch.nn.Parameter(torch.empty(output_size, len(self.columns), dtype=torch.float32),
-                                    requires_grad=False)  # [out, k]
-        set_weight_attrs(weight, {"weight_loader": default_weight_loader})
+        # RowParallelLinear: this rank holds input columns [start, start + input_size_per_partition)
+        start = getattr(layer, "tp_rank", 0) * input_size_per_partition if input_size_per_partition != input_size \
+            else 0
+        picks, local = shard_columns(self.columns, start, input_size_per_partition)
+        self.local_columns = bool(picks)
+        weight = torch.nn.Parameter(torch.empty(output_size, len(picks), dtype=torch.float32),
+                                    requires_grad=False)  # [out, k_local]
+        set_weight_attrs(weight, {"weight_loader": column_weight_loader(picks)})
         layer.register_parameter(COLUMN_WEIGHT, weight)
-        layer.register_buffer("sw_columns", torch.tensor(self.columns, dtype=torch.long), persistent=False)
+        layer.register_buffer("sw_columns", torch.tensor(local, dtype=torch.long), persistent=False)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if _is_cpu_dynamic_int8(layer) and EXACT_CPU_INT8 and cpu_int8_gemm_saturates():
@@ -143,7 +168,7 @@ class ProtectedLinearMethod(LinearMethodBase):
         if "weight" in layer._parameters and layer._parameters["weight"] is None:
             device = next((p.device for p in layer.parameters()), torch.device("cpu"))
             layer.weight = torch.nn.Parameter(torch.empty(0, device=device), requires_grad=False)
-        if self.columns:
+        if self.local_columns:
             layer.sw_columns = layer.sw_columns.to(getattr(layer, COLUMN_WEIGHT).device)
 
     def _base(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -152,9 +177,11 @@ class ProtectedLinearMethod(LinearMethodBase):
         return self.inner.apply(layer, x, bias)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.columns:
+        # x: [T, in_local], this rank's input shard; under tensor parallelism the partial sums of all ranks are
+        # all-reduced after this, so each rank adds the columns it holds: sum_r x_r[:, c_r] @ W[:, c_r]^T
+        if not self.local_columns:
             return self._base(layer, x, bias)
-        cols = layer.sw_columns
+        cols = layer.sw_columns  # local indices into x
         held = x.index_select(-1, cols).float()  # [T, k]: the super activation's channels, unquantized
         y = self._base(layer, x.index_fill(-1, cols, 0), bias)  # held out of the activation scale
         return (y.float() + held @ getattr(layer, COLUMN_WEIGHT).t()).to(y.dtype)
@@ -202,22 +229,57 @@ class SuperWeightProbe:
     For each (module, row, col), the served module's own forward on x and on x + e_col (x: small random
     activations) differs by exactly the weight column it computes with: (y(x + e_col) - y(x))[row] = W[row, col].
     That is the value vLLM multiplies by, kernels and plugin included, not a value read back from the file.
+    Under tensor parallelism each rank answers for the weights in its shard (a down-projection splits its input
+    columns, so the rank that holds `col`) and None for the others; pipeline stages answer None for layers they do
+    not hold. `combine_probe_values` merges the ranks' answers.
     """
 
     @torch.no_grad()
-    def probe_super_weights(self, entries: list[tuple[str, int, int]]) -> list[float]:
+    def probe_super_weights(self, entries: list[tuple[str, int, int]]) -> list[float | None]:
         modules = dict(self.model_runner.model.named_modules())
+        dtype = self.model_runner.model_config.dtype
         values = []
         for name, row, col in entries:
-            module = modules[name]
+            module = modules.get(name)
             module = getattr(module, "base_layer", module)  # under LoRA: the base computation
-            param = next(module.parameters())
-            dtype = self.model_runner.model_config.dtype
-            g = torch.Generator().manual_seed(0)
-            x = (0.1 * torch.randn(1, module.input_size, generator=g)).to(param.device, dtype)
-            x_col = x.clone()
-            x_col[0, col] += 1.0
-            y = module.quant_method.apply(module, x).float()
-            y_col = module.quant_method.apply(module, x_col).float()
-            values.append(float(y_col[0, row] - y[0, row]))
+            if getattr(module, "quant_method", None) is None:  # not on this pipeline stage
+                values.append(None)
+                continue
+            local = local_coordinates(module, row, col)
+            values.append(None if local is None else probe_weight(module, *local, dtype))
         return values
+
+
+def local_coordinates(module: torch.nn.Module, row: int, col: int) -> tuple[int, int] | None:
+    """(row, col) in this rank's shard of a linear module, or None where another rank holds the weight."""
+    rank = getattr(module, "tp_rank", 0)
+    in_local = getattr(module, "input_size_per_partition", module.input_size)
+    out_local = getattr(module, "output_size_per_partition", module.output_size)
+    in_start = rank * in_local if in_local != module.input_size else 0
+    if out_local != module.output_size and type(module).__name__ != "ColumnParallelLinear":
+        raise ValueError(f"probing a weight of {type(module).__name__} under tensor parallelism is not supported "
+                         "(its output shards are not contiguous); super weights live in the down-projection")
+    out_start = rank * out_local if out_local != module.output_size else 0
+    if not (in_start <= col < in_start + in_local and out_start <= row < out_start + out_local):
+        return None
+    return row - out_start, col - in_start
+
+
+def probe_weight(module: torch.nn.Module, row: int, col: int, dtype: torch.dtype) -> float:
+    """W[row, col] (local indices) as the module's own forward computes with it: y(x + e_col) - y(x) at row."""
+    param = next(module.parameters())
+    in_local = getattr(module, "input_size_per_partition", module.input_size)
+    g = torch.Generator().manual_seed(0)
+    x = (0.1 * torch.randn(1, in_local, generator=g)).to(param.device, dtype)  # [1, in_local]
+    x_col = x.clone()
+    x_col[0, col] += 1.0
+    y = module.quant_method.apply(module, x).float()  # [1, out_local]: this rank's partial sum, pre all-reduce
+    y_col = module.quant_method.apply(module, x_col).float()
+    return float(y_col[0, row] - y[0, row])
+
+
+def combine_probe_values(per_worker: list[list[float | None]]) -> list[float | None]:
+    """One value per entry from every worker's probe answers: the rank that holds it (replicas agree: the
+    first); None where no worker does."""
+    entries = zip(*per_worker) if per_worker else ()
+    return [next((v for v in answers if v is not None), None) for answers in entries]

