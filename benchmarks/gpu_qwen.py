@@ -120,6 +120,9 @@ def main() -> None:
     import torch
 
     from benchmarks.common import device_facts
+    from benchmarks.gpu_env import register_plugin
+
+    register_plugin()  # the artifact is served through our vLLM plugin: visible to every child process
 
     results: dict = {**device_facts("cuda" if torch.cuda.is_available() else "cpu"), "model": MODEL}
     done, wall, rss = cli("-q", "model", "prepare", MODEL)

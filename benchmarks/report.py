@@ -389,26 +389,36 @@ def artifact_lines(results: list[dict]) -> list[str]:
                          "(`benchmarks/gpu_artifacts.py`, device steps in its docstring and above).")]
 
 
-if __name__ == "__main__":
-    main()
 
 
 # -- issue 13: the 8B-shaped model on the H200 (benchmarks/gpu_8b*.py) ----------------------------------------------
 GPU8B_STEPS = """```bash
-# here, once: vLLM's pack, the wheels the device lacks, the model directory (config + tokenizer, a few MB)
-bash scripts/gpu/pack.sh .gpu          # chunks and unpack.sh; /.gpu/ /.whl/ /.models/ in .git/info/exclude
+# here, once: vLLM 0.26.0's pack re-cut with the Qwen GGUF into 10 full calls, the wheels the device lacks, the
+# model directories (config + tokenizer, a few MB; /.gpu/ /.whl/ /.models/ in .git/info/exclude)
+bash ../shared/gpu/pack.sh .gpu
+bash scripts/gpu/resplit.sh .gpu ~/.cache/superweights/downloads/Qwen2.5-Coder-0.5B-Instruct.gguf 10
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl grpcio==1.85.3 protobuf==7.36.2 \\
   grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 smg-grpc-servicer==0.14.1 smg-grpc-proto==0.4.28 \\
   loguru==0.7.3
-python -m benchmarks.model_8b TOKENIZER_DIR .models/llama3-8b-shape
-# device calls, back to back (a machine idle for 30 s is handed back bare): the pack's chunks one a call, the
-# last one unpacked (shared/gpu/README.md); then, each carrying superweights/v1 and .models/llama3-8b-shape
-# (and .whl the first time; benchmarks/gpu_8b.sh installs it, sets PYTHONPATH and runs the script):
-#   bash benchmarks/gpu_8b.sh gpu_8b                       serving, four ways
-#   bash benchmarks/gpu_8b.sh gpu_8b_lora                  what the A/B arms cost base traffic
-#   bash benchmarks/gpu_8b.sh gpu_8b_quant bf16 w4a16      quantized serving (fp8-dynamic w8a8: another call)
-cp <fetched>/gpu8b_*.json benchmarks/gpu/ && python -m benchmarks.report
+python -m benchmarks.model_8b ~/.cache/superweights/models/Qwen2.5-Coder-0.5B-Instruct-1d9614638d18024d-r3 \\
+  .models/llama3-8b-shape
+mkdir -p .models/smollm2-shape && cp ~/.cache/superweights/models/SmolLM2-135M-Instruct-*/{config.json,\\
+tokenizer.json,tokenizer_config.json,chat_template.jinja} .models/smollm2-shape/
+# device calls, back to back (a machine idle for 30 s is handed back bare):
+#   mkdir -p ~/gpu && rm -rf ~/gpu/* && mv .gpu/p0 ~/gpu/                carry .gpu/p0
+#   mv .gpu/pN ~/gpu/                                                 carry .gpu/pN, for N = 1 .. 8
+#   mv .gpu/p9 .gpu/unpack2.sh ~/gpu/ && cd ~/gpu && bash unpack2.sh && mkdir -p ~/.cache/superweights/downloads \\
+#     && mv payload.gguf ~/.cache/superweights/downloads/Qwen2.5-Coder-0.5B-Instruct.gguf    carry .gpu/p9 .gpu/unpack2.sh
+#   bash benchmarks/gpu_8b.sh gpu_8b --arms offline ours vllm-grpc vllm-openai ours-engine-context
+#                                                            carry .whl superweights/v1 .models/llama3-8b-shape
+#   bash benchmarks/gpu_8b.sh gpu_qwen                       carry superweights/v1 (README: "Real models")
+#   bash benchmarks/gpu_8b.sh gpu_8b_lora --budget-s 440     carry superweights/v1 .models/llama3-8b-shape
+#   bash benchmarks/gpu_8b.sh gpu_8b --model .models/smollm2-shape --super-weights 11:507:1229,11:507:1487 \\
+#     --arms ours vllm-openai --levels 256 --budget-s 280 --out $OUT/smol     carry superweights/v1 .models/smollm2-shape
+cp <fetched>/gpu8b_serving.json <fetched>/gpu8b_lora.json benchmarks/gpu/
+cp <fetched>/smol/gpu8b_serving.json benchmarks/gpu/ttft_135m.json; cp <fetched>/gpu_qwen.json benchmarks/gpu/qwen_gpu.json
+python -m benchmarks.report
 ```"""
 
 
@@ -432,6 +442,7 @@ def gpu8b_lines(gpu: Path) -> list[str]:
               "sequence:"), "", GPU8B_STEPS]
     if serving:
         lines += gpu8b_serving_lines(serving, gpu)
+    lines += ttft_135m_lines(_json_or_none(gpu / "ttft_135m.json"))
     lines += gpu8b_lora_lines(lora) if lora else ["", "### What the A/B arms cost base traffic at 8B", "",
                                                   "Not measured yet (`benchmarks/gpu_8b_lora.py`)."]
     lines += gpu8b_quant_lines(quant) if quant else ["", "### Quantized serving at 8B", "",
@@ -490,6 +501,39 @@ def gpu8b_serving_lines(run: dict, gpu: Path) -> list[str]:
     return lines + ["", f"![gpu8b_serving.png](benchmarks/gpu/{png})"] if png else lines
 
 
+def ttft_135m_lines(run: dict | None) -> list[str]:
+    """The scheduler fix measured where the 3.4x TTFT gap was first seen: the 135M model at 256 streams."""
+    if not run:
+        return []
+    by_arm = _arm_levels(run)
+    rows = [(arm, c, lv) for arm, levels in by_arm.items() for c, lv in sorted(levels.items())]
+    lines = ["", "### The TTFT fix on the 135M model", "",
+             (f"Why our TTFT p50 at 256 streams was 3.4x vLLM's OpenAI server on the default model (933 against "
+              "273 ms, the first GPU run's table above): our engine was built with vLLM's engine-only defaults "
+              "(`AsyncLLM.from_engine_args` without a usage context: 128 running sequences and 2,048 batched tokens "
+              "a step on every GPU), where vLLM's own servers get the API server's (1,024 and 8,192 on an H200), so "
+              "half of 256 streams waited a whole generation for a slot; `ours-engine-context` above reproduces it "
+              "at 8B. The server now starts its engine as an API server (`server/engine.py` vllm_usage_context). "
+              "Also found: the benchmark's OpenAI client used aiohttp's default pool of 100 connections, so the "
+              "earlier \"256 streams\" of vLLM's OpenAI server were 100 in flight; it has no limit now. Measured "
+              f"{run['date']} on the {run['gpu']}, the default model's architecture on dummy weights, bf16, "
+              f"{run['tokens']} greedy tokens, {' / '.join(f'{v} at {k}' for k, v in run['per_client'].items() if int(k) in run['levels'])} "
+              "requests per stream:"), "",
+             *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+                      "lrrrrrr")]
+    for arm, c, lv in rows:
+        lines.append(f"| {arm} | {c} | {lv['tokens_per_s']:,.0f} | {_ms(lv.get('ttft_p50_ms'))} | "
+                     f"{_ms(lv.get('ttft_p99_ms'))} | {_ms(lv.get('itl_p50_ms'), '.2f')} | "
+                     f"{_ms(lv.get('itl_p99_ms'), '.2f')} |")
+    ours, theirs = by_arm.get("ours", {}), by_arm.get("vllm-openai", {})
+    common = sorted(set(ours) & set(theirs))
+    if common:
+        lines += ["", "ours / vllm-openai: " + ", ".join(
+            f"{c} streams tok/s {ours[c]['tokens_per_s'] / theirs[c]['tokens_per_s']:.2f}, TTFT p50 "
+            f"{ours[c]['ttft_p50_ms'] / theirs[c]['ttft_p50_ms']:.2f}" for c in common)]
+    return lines
+
+
 def gpu8b_goal_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
     """Issue 13's goals for our server, each met or not, where both sides were measured."""
     ours, goals = by_arm.get("ours", {}), []
@@ -522,6 +566,13 @@ def gpu8b_ttft_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
              *_header(["arm", "streams", "client TTFT p50 ms", "servicer TTFT ms", "engine TTFT ms",
                        "engine queue ms", "engine prefill ms", "running peak", "waiting peak", "our queue peak"],
                       "lrrrrrrrrr")]
+    if "ours" in by_arm and not any(lv.get("server_side", {}).get("peak", {}).get("running")
+                                    for lv in by_arm["ours"].values()):
+        lines = lines[:1] + [("Our server's columns are empty in this run: its metrics endpoint answered HTTP 500 "
+                              "under vLLM 0.26.0, whose AsyncLLM has no get_num_unfinished_requests, the callback "
+                              "of our unfinished-requests gauge (found here; fixed after the run: the engine "
+                              "wrapper asks vLLM's output processor on that release, and a gauge that cannot be "
+                              "read now reads NaN instead of failing the scrape)."), ""] + lines[1:]
     for arm, c, lv in rows:
         s = lv["server_side"]
         mean = {k: s[k]["mean_ms"] if k in s else None for k in
@@ -629,3 +680,7 @@ def gpu8b_tp_lines(run: dict | None) -> list[str]:
             lines.append(f"| {arm['arm']} | {lv.get('concurrency', '-')} | {_ms(lv.get('tokens_per_s'), ',.0f')} | "
                          f"{_ms(lv.get('ttft_p50_ms'))} | {summary} |")
     return lines + _unfinished(run["arms"], "arm")
+
+
+if __name__ == "__main__":
+    main()

@@ -273,7 +273,7 @@ def load_artifact_model(root: Path, scheme: Scheme, dtype: torch.dtype = torch.f
     state = {}
     for name in modules:
         local = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")
-                 and "." not in k.removeprefix(f"{name}.")}
+                 and "." not in k.removeprefix(f"{name}.") and k != f"{name}.bias"}  # a bias stays as it is
         state[f"{name}.weight"] = decompress_linear(local, scheme, protected.get(name, [])).to(dtype)
         for k in local:
             tensors.pop(f"{name}.{k}")

@@ -509,7 +509,14 @@ class SuperWeightEngine:
         return math.exp(min(-sum(logprobs) / len(logprobs), 700.0))
 
     def num_unfinished_requests(self) -> int:
-        return self.engine.get_num_unfinished_requests() if self._engine is not None else 0
+        """Requests the engine holds (running or waiting); 0 before start and after shutdown. vLLM 0.32 asks its
+        output processor through AsyncLLM.get_num_unfinished_requests; 0.26 has only the output processor's."""
+        engine = self._engine
+        if engine is None:
+            return 0
+        if hasattr(engine, "get_num_unfinished_requests"):
+            return engine.get_num_unfinished_requests()
+        return engine.output_processor.get_num_unfinished_requests()
 
 
 # Set by the server from its own options (--dtype, --max-model-len, --seed, the report's variants): not passable.

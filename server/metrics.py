@@ -3,12 +3,35 @@ Variant labels are `Variant.label`: bounded, every client-chosen alpha shares "s
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 KL_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20)
+
+
+def read_at_scrape(gauge: Gauge, read: Callable[[], float]) -> None:
+    """The gauge reads `read()` at every scrape. One that raises reads NaN (logged once) instead of failing the
+    whole endpoint: a callback that broke on one vLLM release once turned every scrape into an HTTP 500."""
+    failed = []
+
+    def value() -> float:
+        try:
+            return read()
+        except Exception:  # any failure of one gauge must not cost the other series
+            if not failed:
+                failed.append(True)
+                log.exception("metric %s cannot be read; it reads NaN", gauge._name)
+            return math.nan
+
+    gauge.set_function(value)
 
 
 class Metrics:
@@ -37,6 +60,9 @@ class Metrics:
                                        "that have not finished (0 when idle: aborted calls leave none).",
                                        registry=registry)
         self.super_weights = Gauge("superweights_super_weights", "Confirmed super weights in the served model.",
+                                   registry=registry)
+        self.asyncio_tasks = Gauge("superweights_asyncio_tasks", "Unfinished asyncio tasks in the front end's event "
+                                   "loop (idle, the same before and after any traffic: none leaks).",
                                    registry=registry)
         # quality: from every CompareGenerations
         self.compare_first_difference = Histogram(

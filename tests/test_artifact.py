@@ -162,3 +162,29 @@ def test_a_damaged_artifact_is_refused_naming_the_file(tiny, tmp_path, damage):
 
     done = run_cli("serve", str(artifact.path), "--port", "0", timeout=120)
     assert done.returncode == 2 and "model.safetensors" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_with_biased_projections_compresses(tmp_path):
+    """Found on Qwen2.5-Coder-0.5B on the H200: the artifact's offline evaluation dropped every q/k/v bias while it
+    gathered each module's compressed tensors ("does not fit its config: missing [...q_proj.bias...]"). A tiny
+    Qwen2 (bias in q/k/v) round-trips with its biases exact."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from superweights.compression.detect import DetectionSettings, find_super_weights
+    from superweights.compression.models import resolve_checkpoint
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.normal_()
+    save_checkpoint(model, tmp_path / "qwen2")
+    report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256),
+                                settings=DetectionSettings(eval_tokens=256, window=128), progress=False)
+    artifact = compress(resolve_checkpoint(str(tmp_path / "qwen2")), report, SCHEMES["w8a8"], tmp_path / "a",
+                        progress=False, eval_tokens=256)
+    loaded, _, _ = load_artifact_model(artifact.path, artifact.scheme)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(getattr(loaded.model.layers[0].self_attn, name).bias,
+                                   getattr(model.model.layers[0].self_attn, name).bias, rtol=0, atol=0)

@@ -149,4 +149,5 @@ def test_every_rpc_answers_on_the_served_artifact(server, detected):
     canary = dict(re.findall(r'superweights_canary_perplexity\{variant="([^"]+)"\} (\S+)', metrics))
     print(f"canary: {canary}")
     assert re.search(r'superweights_canary_runs_total\{outcome="ok"\} [1-9]', metrics)
-    assert "base" in canary and float(canary["base"]) < 100
+    # one 512-token window of the text: near the report's 1,024-token baseline (112.6 here), far from a broken model
+    assert "base" in canary and float(canary["base"]) < 1.5 * report.eval["baseline_perplexity"]
