@@ -1,5 +1,6 @@
 """Certificates for mutual TLS: a CA that signs the server's and a client's certificate, and a second, unrelated
-CA with a client certificate of its own (which the server must refuse). Made with `cryptography`."""
+CA with a client certificate of its own (which the server must refuse). Made with `cryptography`; the one maker of
+certificates for the campaigns and the test suite (tests/conftest.py's servers["tls"])."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _write(directory: Path, name: str, cert: x509.Certificate, key=None) -> dict
 def make_mtls(directory: Path) -> dict[str, Path]:
     """Under `directory`: ca.pem; server.pem/.key and client.pem/.key signed by it; rogue-ca.pem and
     rogue-client.pem/.key signed by another CA. Keys: ca, cert, key (server), client_cert, client_key,
-    rogue_cert, rogue_key: the shape tests.conftest's `tls` dict has, plus the client side."""
+    rogue_cert, rogue_key: common.start_server's `tls` (with client_cert it asks clients for a certificate)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, rogue_ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _certificate("superweights reliability CA", ca_key, None, ca_key, ca=True)

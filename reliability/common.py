@@ -1,6 +1,6 @@
-"""What the campaigns share: a server on loopback that they start and stop, channels to any server (ours, or a
-tests.conftest RunningServer: the same attribute names), its metrics and processes, a greedy golden generation,
-and the results folder. Traffic goes to 127.0.0.1 / localhost only."""
+"""What the campaigns and the test suite share: the harness that starts a server on loopback, waits for it and stops
+it (tests/conftest.py's fixtures use it too), channels and clients to it, its metrics and processes, a greedy
+golden generation, and the results folder. Traffic goes to 127.0.0.1 / localhost only."""
 
 from __future__ import annotations
 
@@ -46,18 +46,28 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A `superweights serve` process this package started (attributes as tests.conftest.RunningServer's)."""
+    """A `superweights serve` process started by `start_server`, in its own process group."""
 
     process: subprocess.Popen
     port: int
     metrics_port: int
     log: Path
     token: str | None = None
-    tls: dict | None = None  # reliability.certs.make_mtls paths (or tests.tls's ca/cert/key)
+    tls: dict | None = None  # reliability.certs.make_mtls paths; with client_cert: mutual TLS
 
     @property
     def target(self) -> str:
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
+
+    def client(self, token: str | None = "default", timeout: float = 120):
+        """The project's Python client with this server's token ("default") and certificates (the right client
+        certificate where the server asks for one)."""
+        from superweights.server.client import SuperWeightClient
+
+        tls = self.tls or {}
+        return SuperWeightClient(self.target, token=self.token if token == "default" else token,
+                                 root_cert=tls.get("ca"), client_cert=tls.get("client_cert"),
+                                 client_key=tls.get("client_key"), timeout=timeout)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
@@ -80,7 +90,8 @@ class Server:
 
 def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | None = None,
                  kv_cache_gib: int = 1) -> Server:
-    """`superweights serve` on the default model, loopback ports, its own process group, output to `log`."""
+    """`superweights serve` (the default model unless `extra` names one), loopback ports, its own process group,
+    output to `log`; tls with a client_cert: mutual TLS (--tls-client-ca)."""
     port, metrics_port = free_port(), free_port()
     args = [SUPERWEIGHTS, "serve", "--port", str(port), "--metrics-port", str(metrics_port), *extra]
     if token:
@@ -163,15 +174,21 @@ def health(server, service: str = "", timeout: float = 5) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def metric_values(server, name: str) -> dict[tuple, float]:
-    """Samples of one metric family: {sorted label items: value} (counters by their `_total` sample)."""
-    values = {}
+def scrape(server) -> dict[str, dict[tuple, float]]:
+    """Every metric family of one /metrics scrape: {name: {sorted label items: value}} (counters by their
+    `_total` sample)."""
+    families: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(server.metrics_text()):
-        if family.name == name:
-            for s in family.samples:
-                if s.name in (name, f"{name}_total"):
-                    values[tuple(sorted(s.labels.items()))] = s.value
-    return values
+        values = families.setdefault(family.name, {})
+        for s in family.samples:
+            if s.name in (family.name, f"{family.name}_total"):
+                values[tuple(sorted(s.labels.items()))] = s.value
+    return families
+
+
+def metric_values(server, name: str) -> dict[tuple, float]:
+    """Samples of one metric family: {sorted label items: value}."""
+    return scrape(server).get(name, {})
 
 
 def unfinished(server) -> float:
@@ -182,6 +199,24 @@ def asyncio_tasks(server) -> float | None:
     """The front end's asyncio task count, where the server exposes it (superweights_asyncio_tasks)."""
     values = metric_values(server, "superweights_asyncio_tasks")
     return sum(values.values()) if values else None
+
+
+def idle_asyncio_tasks(server, readings: int = 5, timeout: float = 30) -> float | None:
+    """The front end's asyncio tasks while it is idle: the least of `readings` scrapes (0.2 s apart) that show no
+    RPC in flight and no engine request. Work in progress (a canary run, a call finishing) only adds tasks; a
+    leaked one is in every reading. None if the server does not expose the gauge or is never idle in `timeout`."""
+    idle: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(idle) < readings and time.monotonic() < deadline:
+        families = scrape(server)
+        if "superweights_asyncio_tasks" not in families:
+            return None
+        busy = sum(families.get("superweights_requests_in_flight", {}).values()) + \
+            sum(families.get("superweights_engine_unfinished_requests", {}).values())
+        if not busy:
+            idle.append(sum(families["superweights_asyncio_tasks"].values()))
+        time.sleep(0.2)
+    return min(idle) if idle else None
 
 
 def greedy_request(max_tokens: int = 24) -> pb.GenerateRequest:
@@ -247,6 +282,13 @@ def adapter_dir_of(server, before: dict[str, int]) -> Path | None:
     """The adapter directory that appeared since `before` (taken just before the server started)."""
     new = sorted(set(adapter_files()) - set(before))
     return Path(new[0]) if len(new) == 1 else None
+
+
+def adapter_dir_holding(variant: str) -> Path | None:
+    """The one adapter directory that holds an adapter named `variant` (a scaled_<alpha> that only one of the
+    running servers has made); None if none or several do."""
+    found = [Path(d) for d in adapter_files() if (Path(d) / variant).is_dir()]
+    return found[0] if len(found) == 1 else None
 
 
 # -- results ---------------------------------------------------------------------------------------------------

@@ -43,8 +43,10 @@ from .common import (
     write_result,
 )
 
-
 # -- the engine and the process under load ---------------------------------------------------------------------
+KILL_ARMS = ("base", "no_super_weights")  # a compare's arms, with one scaled arm (alpha 2): three requests
+
+
 class InFlight:
     """Calls running in threads: Generate streams (optionally read to the end) and CompareGenerations."""
 
@@ -76,9 +78,11 @@ class InFlight:
         return self._start(call, run)
 
     def compare(self, max_tokens: int = 300) -> dict:
+        """A compare of KILL_ARMS and alpha 2 ("first" is set once it is sent: a unary call shows no progress)."""
         call = {"method": "CompareGenerations", "code": None, "first": threading.Event(), "ended_at": None}
-        request = request_class("CompareGenerations")(text="The capital of France is", alphas=[2.0], sampling={
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0})
+        request = request_class("CompareGenerations")(text="The capital of France is", variants=list(KILL_ARMS),
+                                                      alphas=[2.0], sampling={"max_tokens": max_tokens,
+                                                                              "ignore_eos": True, "temperature": 0.0})
 
         def run() -> None:
             call["first"].set()
@@ -140,18 +144,41 @@ def _leftovers(pids: list[int], wait: float = 15) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def engine_kill_under_load(server, streams: int = 6, compares: int = 2, exit_timeout: float = 120) -> dict:
+def _all_inside_engine(server, load: InFlight, streams: int, compares: int, timeout: float) -> bool:
+    """Until every stream has had its first message and every compare is inside the engine: no call queued for a
+    slot, and the engine holding a request for every stream and every arm. False if that never happens."""
+    deadline = time.monotonic() + timeout
+    arms = compares * (len(KILL_ARMS) + 1)
+    while time.monotonic() < deadline:
+        if all(c["first"].is_set() for c in load.calls if c["method"] == "Generate"):
+            queued = sum(metric_values(server, "superweights_requests_queued").values())
+            comparing = metric_values(server, "superweights_requests_in_flight").get(
+                (("method", "CompareGenerations"),), 0)
+            engine = sum(metric_values(server, "superweights_engine_unfinished_requests").values())
+            if queued == 0 and comparing == compares and engine >= streams + arms:
+                return True
+        if any(c["ended_at"] is not None for c in load.calls):
+            return False  # a call ended (refused, or too short): the kill would not find it in flight
+        time.sleep(0.05)
+    return False
+
+
+def engine_kill_under_load(server, streams: int = 6, compares: int = 2, max_tokens: int = 1000,
+                           exit_timeout: float = 120) -> dict:
     """SIGKILL the engine core while calls run: health NOT_SERVING within 5 s, every in-flight call ends
-    UNAVAILABLE (none hangs), new calls refused, the process exits non-zero, nothing left running."""
+    UNAVAILABLE (none hangs), new calls refused, the process exits non-zero, nothing left running.
+
+    Every call is in flight at the kill: long generations (end of sequence ignored), and the kill only once each
+    stream has had its first message and each compare is inside the engine (`_all_inside_engine`); the server
+    must admit them all at once (--max-concurrent >= streams + compares) and run no canary. `ended_before_kill`
+    counts the calls that did not wait for it (0, or the run says nothing)."""
     load = InFlight(server)
     try:
         for _ in range(streams):
-            load.stream(400)
+            load.stream(max_tokens)
         for _ in range(compares):
-            load.compare()
-        for call in load.calls:
-            call["first"].wait(120)
-        time.sleep(0.5)  # the compares are inside the engine by now
+            load.compare(max_tokens)
+        inside = _all_inside_engine(server, load, streams, compares, timeout=120)
         core = engine_core(server)
         descendants = [p.pid for p in engine_processes(server)]
         killed_at = time.monotonic()
@@ -175,8 +202,10 @@ def engine_kill_under_load(server, streams: int = 6, compares: int = 2, exit_tim
                  for c in load.calls]
     finally:
         load.close()
-    return {"in_flight": len(calls), "calls": calls,
-            "codes": sorted({c["code"] or "HUNG" for c in calls}), "hung": hung,
+    return {"in_flight": len(calls), "all_inside_engine_at_kill": inside, "max_tokens": max_tokens,
+            "ended_before_kill": sum(c["ended_after_kill_s"] is not None and c["ended_after_kill_s"] < 0
+                                     for c in calls),
+            "calls": calls, "codes": sorted({c["code"] or "HUNG" for c in calls}), "hung": hung,
             "not_serving_after_s": None if not_serving is None else round(not_serving[0], 2),
             "health_seen": None if not_serving is None else not_serving[1],
             "new_call_code": new_call, "exit_code": exit_code, "exited_after_s": round(exited_after, 1),

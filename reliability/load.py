@@ -2,8 +2,9 @@
 loop for a fixed time: Generate with and without logprobs, CompareGenerations with alphas, GetSuperWeights,
 GetModelInfo. The server runs with low queue limits so that some calls are refused (RESOURCE_EXHAUSTED; a
 refused client backs off). Sampled every few seconds: RSS of the front end and of the engine processes, the front
-end's open fds and threads, the engine's unfinished requests and (when the server exposes it) its asyncio tasks.
-Per minute: calls by status code, throughput, p99 latency. reliability.report draws the plot.
+end's open fds and threads, the engine's unfinished requests and its asyncio tasks. Per minute: calls by status
+code, throughput, p99 latency. At the start and the end, idle: open fds and asyncio tasks, which must be equal.
+reliability.report draws the plot.
 
     flock /tmp/engine.lock python -m reliability.load --clients 256 --seconds 300
 """
@@ -26,6 +27,7 @@ from .common import (
     channel,
     code_name,
     golden,
+    idle_asyncio_tasks,
     metadata,
     percentile,
     process_stats,
@@ -114,10 +116,11 @@ def per_minute(records: list, samples: list[dict], seconds: float, window: float
 
 def run_load(server, clients: int = 256, seconds: float = 300, seed: int = 0, channels: int = 8,
              window: float = 60.0) -> dict:
-    """Drive a running server (ours or a tests.conftest RunningServer) with `clients` concurrent clients."""
+    """Drive a running server (common.Server) with `clients` concurrent clients."""
     before_golden = golden(server)
     time.sleep(2)
     start_sample = _sample(server, time.monotonic())
+    tasks_start = idle_asyncio_tasks(server)
     records: list = []
     samples: list[dict] = []
     stop = threading.Event()
@@ -149,6 +152,7 @@ def run_load(server, clients: int = 256, seconds: float = 300, seed: int = 0, ch
         time.sleep(0.5)
     time.sleep(5)  # idle: what is still held now is held for good
     end_sample = _sample(server, t0)
+    tasks_end = idle_asyncio_tasks(server)
     after_golden = golden(server)
     ok = [r for r in records if r[3] == "OK"]
     minutes = per_minute(records, samples, elapsed, window)
@@ -164,8 +168,8 @@ def run_load(server, clients: int = 256, seconds: float = 300, seed: int = 0, ch
             "rss_frontend_drift": _drift(minutes, "frontend_rss_mib"),
             "rss_engine_drift": _drift(minutes, "engine_rss_mib"),
             "fds_start": start_sample["fds"], "fds_end": end_sample["fds"],
-            "asyncio_tasks_start": start_sample.get("asyncio_tasks"),
-            "asyncio_tasks_end": end_sample.get("asyncio_tasks"),
+            "asyncio_tasks_start": tasks_start, "asyncio_tasks_end": tasks_end,
+            "asyncio_tasks_back_to_idle": tasks_start is not None and tasks_end == tasks_start,
             "golden_unchanged": before_golden == after_golden, "server_alive": server.process.poll() is None,
             "first_window_rss_mib": [first["frontend_rss_mib"], first["engine_rss_mib"]],
             "last_window_rss_mib": [last["frontend_rss_mib"], last["engine_rss_mib"]]}
@@ -187,7 +191,7 @@ def main() -> int:
     result = campaign("load", SERVER_LIMITS, lambda server: run_load(server, args.clients, args.seconds, args.seed),
                       kv_cache_gib=2)
     bad = set(result["codes"]) - {"OK", "RESOURCE_EXHAUSTED"}
-    return 1 if bad or not result["golden_unchanged"] else 0
+    return 1 if bad or not result["golden_unchanged"] or not result["asyncio_tasks_back_to_idle"] else 0
 
 
 if __name__ == "__main__":

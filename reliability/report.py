@@ -35,6 +35,11 @@ def _run(r: dict) -> list[str]:
     return [f"`{r['command']}` ({r['date']}, commit {r['commit']}, {r['machine']})", ""]
 
 
+def _count(value) -> str:
+    """A count the server may not expose (None)."""
+    return "not exposed by the server" if value is None else f"{value:.0f}"
+
+
 def plot_load(r: dict, path: Path) -> None:
     import matplotlib
 
@@ -88,8 +93,7 @@ def load_section(r: dict) -> list[str]:
              row["tokens_per_s"], row["p99_s"], row["generate_p99_s"], front, engine, peak, row["fds"]]
             for row, front, engine, peak in zip(minutes, rss["frontend_rss_mib"], rss["engine_rss_mib"], peaks)]
     drift = {key: 100 * (values[-1] / values[0] - 1) for key, values in rss.items()}
-    tasks = "not exposed by the server (see the proposed superweights_asyncio_tasks gauge)" \
-        if r["asyncio_tasks_start"] is None else f"{r['asyncio_tasks_start']} -> {r['asyncio_tasks_end']}"
+    tasks = f"{_count(r['asyncio_tasks_start'])} -> {_count(r['asyncio_tasks_end'])}"
     return ["## R1 load", "", *_run(r),
             f"{r['clients']} concurrent clients for {r['seconds']:.0f} s, server flags "
             f"`{' '.join(r.get('server_flags', []))}`. Calls by code: {r['codes']}; by kind: {r['codes_by_kind']}.",
@@ -115,8 +119,10 @@ def cancel_section(r: dict) -> list[str]:
             f"{r['last_cancel_to_idle_seconds']} s after the last cancel (limit: 1 s).",
             f"- Golden greedy generation unchanged: {r['golden_unchanged']}.",
             f"- Front-end fds {r['fds_before']} -> {r['fds_after']}; open files (front end and engine) "
-            f"{r['open_files_before']} -> {r['open_files_after']}; variants {r['variants_before']} -> "
-            f"{r['variants_after']}; adapter directories {r['adapters_before']} -> {r['adapters_after']}.", ""]
+            f"{r['open_files_before']} -> {r['open_files_after']}; asyncio tasks (idle) "
+            f"{_count(r.get('asyncio_tasks_before'))} -> {_count(r.get('asyncio_tasks_after'))}; variants "
+            f"{r['variants_before']} -> {r['variants_after']}; adapter directories {r['adapters_before']} -> "
+            f"{r['adapters_after']}.", ""]
 
 
 def fuzz_section(r: dict) -> list[str]:
@@ -142,9 +148,12 @@ def faults_section(r: dict) -> list[str]:
     out = ["## R4 faults", "", *(runs or _run(r)[:1]), f"- commit {r['commit']}, {r['machine']}", ""]
     kill = r.get("engine_sigkill_under_load")
     if kill:
-        out += [f"**Engine core SIGKILL under load** ({kill['in_flight']} calls in flight): health stopped saying "
-                f"SERVING after {kill['not_serving_after_s']} s (seen: {kill['health_seen']}); in-flight calls ended "
-                f"{sorted({c['code'] for c in kill['calls']})} ({kill['hung']} hung); a new call got "
+        inside = "" if "all_inside_engine_at_kill" not in kill else \
+            (f", {kill['max_tokens']} tokens each, all inside the engine at the kill: "
+             f"{kill['all_inside_engine_at_kill']}, ended before it: {kill['ended_before_kill']}")
+        out += [f"**Engine core SIGKILL under load** ({kill['in_flight']} calls in flight{inside}): health stopped "
+                f"saying SERVING after {kill['not_serving_after_s']} s (seen: {kill['health_seen']}); in-flight calls "
+                f"ended {sorted({c['code'] for c in kill['calls']})} ({kill['hung']} hung); a new call got "
                 f"{kill['new_call_code']}; the process exited {kill['exit_code']} after {kill['exited_after_s']} s; "
                 f"engine processes left: {kill['processes_left']}.", ""]
     term = r.get("sigterm_under_load")

@@ -19,7 +19,7 @@ import grpc
 from .certs import make_mtls
 from .common import (
     METHODS,
-    adapter_dir_of,
+    adapter_dir_holding,
     adapter_files,
     campaign,
     channel,
@@ -29,7 +29,6 @@ from .common import (
     process_stats,
     request_class,
     rpc,
-    start_server,
 )
 
 TOKEN = "reliability-token-5c0f1e"
@@ -122,12 +121,14 @@ def reflection_code(server) -> str:
         return code_name(e)
 
 
-def alpha_lru(server, alphas: int, adapter_dir: Path | None, cap: int) -> dict:
+def alpha_lru(server, alphas: int, cap: int) -> dict:
     """One compare per distinct alpha: loaded scaled variants stay <= cap, adapter directories on disk stay
-    <= fixed + cap, and process memory does not grow with the number of alphas."""
+    <= fixed + cap, and process memory does not grow with the number of alphas. The server's adapter directory
+    is the one that holds the first of these alphas (no other caller uses them)."""
     Info = request_class("GetModelInfo")
     start = process_stats(server)
     peak_scaled = peak_dirs = 0
+    adapter_dir: Path | None = None
     codes: dict[str, int] = {}
     t0 = time.monotonic()
     with channel(server) as ch:
@@ -139,8 +140,9 @@ def alpha_lru(server, alphas: int, adapter_dir: Path | None, cap: int) -> dict:
                                                           alphas=[1.0 + (i + 1) / 4096],
                                                           sampling={"max_tokens": 1, "temperature": 0.0})
             try:
-                rpc(ch, "CompareGenerations")(request, metadata=md, timeout=120)
+                response = rpc(ch, "CompareGenerations")(request, metadata=md, timeout=120)
                 code = "OK"
+                adapter_dir = adapter_dir or adapter_dir_holding(response.arms[-1].variant)
             except grpc.RpcError as e:
                 code = code_name(e)
             codes[code] = codes.get(code, 0) + 1
@@ -151,6 +153,7 @@ def alpha_lru(server, alphas: int, adapter_dir: Path | None, cap: int) -> dict:
                     peak_dirs = max(peak_dirs, sum(1 for _ in adapter_dir.iterdir()))
     end = process_stats(server)
     return {"alphas": alphas, "cap": cap, "codes": codes, "seconds": round(time.monotonic() - t0, 1),
+            "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
             "fixed_variants": len(fixed), "peak_scaled_variants": peak_scaled,
             "peak_adapter_dirs": peak_dirs if adapter_dir is not None else None,
             "adapter_dirs_bound": len(fixed) + cap,
@@ -160,16 +163,10 @@ def alpha_lru(server, alphas: int, adapter_dir: Path | None, cap: int) -> dict:
 
 
 def fortress_flags(cap: int) -> list[str]:
+    """The hardened server's flags (with mutual TLS from make_mtls): no reflection, no canary (its requests
+    would blur "idle"), at most `cap` scaled variants, low limits. The test suite's servers["tls"] has them too."""
     return ["--no-reflection", "--canary-interval", "0", "--max-scaled-variants", str(cap), "--max-concurrent", "2",
             "--max-queue", "2"]
-
-
-def start_fortress(directory: Path, log: Path, cap: int = 2):
-    """A server with mutual TLS, a token, no reflection and a small scaled-variant cap; (server, the adapter
-    directories before it started, for adapter_dir_of). The caller stops it."""
-    before = adapter_files()
-    server = start_server(log, *fortress_flags(cap), token=TOKEN, tls=make_mtls(directory))
-    return server, before
 
 
 def main() -> int:
@@ -181,8 +178,7 @@ def main() -> int:
 
     def measure(server) -> dict:
         return {"mtls": mtls(server), "auth": auth_every_rpc(server), "secrets": secrets_not_logged(server),
-                "reflection": reflection_code(server),
-                "alpha_lru": alpha_lru(server, args.alphas, adapter_dir_of(server, before), args.cap)}
+                "reflection": reflection_code(server), "alpha_lru": alpha_lru(server, args.alphas, args.cap)}
 
     def finish(result: dict) -> None:
         result["adapter_dirs_left"] = sorted(set(adapter_files()) - set(before))

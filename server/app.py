@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import signal
@@ -15,18 +16,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from superweights.compression.detect import DEFAULT_PROMPT, DetectionSettings
 from superweights.compression.errors import UserError
-from superweights.compression.evaluation import load_eval_text
+from superweights.compression.evaluation import EvalText, load_eval_text
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
 from .engine import REMOVED, EngineConfig, SuperWeightEngine, installed_engine
-from .metrics import Metrics
+from .metrics import Metrics, read_at_scrape
 from .quality import Canary
 from .service import Limits, SuperWeightService
 
@@ -62,6 +64,8 @@ class ServeConfig:
     # 10% in 16-bit (bfloat16 rounding alone moves a 135M model's perplexity by a few percent)
     self_check_tolerance: float | None = None
     super_weights: tuple = ()  # compression.published.Coordinate: declared instead of detected
+    offline_device: str = "auto"  # where detection runs (models.offline_placement): the GPU when there is one
+    offline_dtype: str = "auto"
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -94,6 +98,62 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(deny, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
+
+
+MALFORMED = object()  # what MalformedRequests' deserializer returns for bytes that do not parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse as the method's message: INVALID_ARGUMENT with a message a person can act
+    on, counted, not logged. grpc.aio deserializes a request before the method runs and answers any exception
+    from the deserializer UNKNOWN "Unexpected <class 'DecodeError'>", with a traceback in the log (grpc's
+    _cygrpc/aio/server.pyx.pxi, _handle_exceptions); so the deserializer installed here never raises: it returns
+    MALFORMED, which the wrapped method refuses. Methods with a request stream (reflection) are left as they are."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self._wrapped: dict[str, tuple] = {}  # method -> (its handler, the wrapped one): handlers are per method
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._wrap(handler, details.method))
+        return cached[1]
+
+    def _wrap(self, handler, path: str):
+        method = path.rsplit("/", 1)[-1]
+        parse, behavior = handler.request_deserializer, handler.unary_stream or handler.unary_unary
+        message = (f"{method}: the request does not parse as its protobuf message (truncated or corrupted bytes, a "
+                   f"wrong wire type, or a string that is not UTF-8); send a message built from the service's .proto")
+
+        def deserialize(raw: bytes):
+            try:
+                return parse(raw)
+            except DecodeError:
+                return MALFORMED
+
+        async def refuse(context) -> None:
+            self.metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        if inspect.isasyncgenfunction(behavior):
+            async def checked(request, context):
+                if request is MALFORMED:
+                    await refuse(context)
+                async for response in behavior(request, context):
+                    yield response
+        elif inspect.iscoroutinefunction(behavior):
+            async def checked(request, context):
+                if request is MALFORMED:
+                    await refuse(context)
+                return await behavior(request, context)
+        else:  # a synchronous method (none here): grpc runs it in a thread, where abort cannot be awaited
+            return handler
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
+        return factory(checked, request_deserializer=deserialize, response_serializer=handler.response_serializer)
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -154,7 +214,13 @@ def resolve_model(config: ServeConfig):
     """(checkpoint, report, adapters) to serve: a `superweights compress` artifact, verified against its manifest
     and held to its own offline evaluation, with its own adapters; the declared super weights (--super-weights),
     unverified; or any other source with its (cached) detection report, whose adapters the engine writes."""
-    from superweights.compression.artifact import artifact_adapters, artifact_checkpoint, is_artifact, open_artifact, served_report
+    from superweights.compression.artifact import (
+        artifact_adapters,
+        artifact_checkpoint,
+        is_artifact,
+        open_artifact,
+        served_report,
+    )
     from superweights.compression.declared import config_only_checkpoint, declared_report
     from superweights.compression.models import resolve_checkpoint
 
@@ -180,18 +246,21 @@ def _detect_in_child(config: ServeConfig):
 
     from superweights.compression.pipeline import cached_report
 
-    cached = cached_report(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text)
+    placement = {"device": config.offline_device, "dtype": config.offline_dtype}
+    cached = cached_report(config.model, prompt=config.prompt, settings=config.detection, eval_path=config.eval_text,
+                           **placement)
     if cached is not None:
         return cached
     log.info("detecting super weights in a child process (released before the engine starts)")
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_detect, config.model, config.prompt, config.detection, config.eval_text).result()
+        return pool.submit(_detect, config.model, config.prompt, config.detection, config.eval_text,
+                           placement).result()
 
 
-def _detect(model, prompt, settings, eval_path):
+def _detect(model, prompt, settings, eval_path, placement):
     from superweights.compression.pipeline import detect
 
-    return detect(model, prompt=prompt, settings=settings, eval_path=eval_path)
+    return detect(model, prompt=prompt, settings=settings, eval_path=eval_path, **placement)
 
 
 def model_info(engine: SuperWeightEngine, config: ServeConfig, checkpoint) -> dict:
@@ -216,7 +285,7 @@ async def check_served_super_weights(engine: SuperWeightEngine) -> list[float] |
         log.info("self-check: super weights split across workers; not probed")
         return None
     tolerance = 1e-4 if engine.dtype == "float32" else 1e-2
-    protected = engine.report.model.get("protected", True)  # False: an artifact made with --no-protect
+    protected = engine.report.facts.protected  # False: an artifact made with --no-protect
     for w, served in zip(engine.report.super_weights, values):
         log.info("self-check: %s[%d, %d] served %+.6f, report %+.6f", w.module, w.row, w.col, served, w.value)
         if abs(served - w.value) > tolerance * abs(w.value):
@@ -229,23 +298,26 @@ async def check_served_super_weights(engine: SuperWeightEngine) -> list[float] |
     return values
 
 
-async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: list[int]) -> dict[str, float]:
+async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_text: EvalText) -> dict[str, float]:
     """The served weights against the report: through the engine, base perplexity on the report's evaluation
-    tokens must match the offline baseline, and removing the super weights must cost what the report says."""
+    tokens (in the report's windows, BOS first where the tokenizer adds one) must match the offline baseline, and
+    removing the super weights must cost what the report says."""
     report = engine.report
-    if report.model.get("declared"):  # nothing offline to hold the engine to; the values were probed or read
+    if report.facts.declared:  # nothing offline to hold the engine to; the values were probed or read
         await check_served_super_weights(engine)
         log.info("self-check: super weights declared (%s), not verified by detection",
                  ", ".join(report.settings["declared"]))
         return {}
-    eval_ids = eval_ids[: report.eval["tokens"]]
-    window = report.eval["window"]
+    facts = report.evaluation
+    eval_ids = eval_text.ids[: facts.tokens].tolist()
+    window = facts.window
     variants = [engine.resolve(name) for name in engine.fixed_variants]
-    served = dict(zip(engine.fixed_variants, await asyncio.gather(*(engine.perplexity(eval_ids, v, window)
-                                                                    for v in variants))))
-    offline = report.eval["baseline_perplexity"]
+    served = dict(zip(engine.fixed_variants, await asyncio.gather(*(
+        engine.perplexity(eval_ids, v, window, eval_text.bos_id) for v in variants))))
+    offline = facts.baseline_perplexity
     drift = abs(served["base"] / offline - 1)
-    tolerance = config.self_check_tolerance or (0.02 if engine.dtype == "float32" else 0.10)
+    float32 = engine.dtype == "float32" and facts.dtype == "float32"
+    tolerance = config.self_check_tolerance or (0.02 if float32 else 0.10)
     log.info("self-check: base perplexity %.3f through the engine, %.3f offline (%.2f%%)", served["base"], offline,
              100 * drift)
     if drift > tolerance:
@@ -255,8 +327,8 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_ids: l
         await check_served_super_weights(engine)
         ratio = served[REMOVED] / served["base"]
         log.info("self-check: without super weights perplexity x%.1f (report: x%.1f)", ratio,
-                 report.eval["removed_perplexity"] / offline)
-        if ratio < report.settings["min_effect"]:
+                 facts.removed_ratio)
+        if ratio < report.min_effect:
             raise StartupError(f"removing the reported super weights through the engine changed perplexity only "
                                f"x{ratio:.2f}: the served weights do not hold them")
     return served
@@ -293,6 +365,8 @@ class Server:
 
     async def _start(self) -> None:
         config = self.config
+        loop = asyncio.get_running_loop()  # all_tasks takes it from the metrics thread, which runs no loop
+        read_at_scrape(self.metrics.asyncio_tasks, lambda: len(asyncio.all_tasks(loop)))
         # ports first: a taken port fails in a second, before minutes of engine start
         self.service = SuperWeightService(self.metrics, config.limits)
         self.grpc = self._grpc_server()
@@ -313,15 +387,16 @@ class Server:
             "served_model_name": checkpoint.name, **config.engine.engine_options})
         self.engine = SuperWeightEngine(engine_config, report, adapters)
         self._stack.push_async_callback(self.engine.shutdown)
-        self.metrics.engine_unfinished.set_function(self.engine.num_unfinished_requests)
+        read_at_scrape(self.metrics.engine_unfinished, self.engine.num_unfinished_requests)
         await self.engine.start()
-        eval_ids = load_eval_text(self.engine.tokenizer, config.eval_text).ids.tolist()
-        served = await self_check(self.engine, config, eval_ids)
+        eval_text = load_eval_text(self.engine.tokenizer, config.eval_text)
+        served = await self_check(self.engine, config, eval_text)
 
         self.service.open(self.engine, model_info(self.engine, config, checkpoint))
-        window = report.eval["window"]
-        self.canary = Canary(self.engine, self.metrics, eval_ids[:window], interval=config.canary_interval,
-                             window=window)
+        window = report.evaluation.window
+        probe = eval_text.ids[: window - (eval_text.bos_id is not None)].tolist()  # one window, BOS included
+        self.canary = Canary(self.engine, self.metrics, probe, interval=config.canary_interval, window=window,
+                             bos_id=eval_text.bos_id)
         for variant, value in served.items():
             self.metrics.canary_perplexity.labels(variant).set(value)
         self.canary.start()
@@ -334,8 +409,9 @@ class Server:
 
     def _grpc_server(self) -> grpc.aio.Server:
         config = self.config
+        # auth first: a caller without a token is refused before its bytes are looked at
         interceptors = [TokenAuth(config.auth_tokens, self.metrics)] if config.auth_tokens else []
-        server = grpc.aio.server(interceptors=interceptors, options=[
+        server = grpc.aio.server(interceptors=[*interceptors, MalformedRequests(self.metrics)], options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", 4 * config.max_message_bytes)])

@@ -158,6 +158,7 @@ def report_to_proto(report, engine_values: list[float] | None = None) -> pb.Supe
                            for a in report.super_activations],
         eval_text=e["text"], eval_tokens=e["tokens"], baseline_perplexity=e["baseline_perplexity"] or 0.0,
         removed_perplexity=e["removed_perplexity"] or 0.0, control_perplexity=e["control_perplexity"] or 0.0,
+        removed_ratio=report.evaluation.removed_ratio or 0.0, control_ratio=report.evaluation.control_ratio or 0.0,
         report_json=report.to_json())
 
 

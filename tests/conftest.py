@@ -1,7 +1,9 @@
-"""Shared fixtures: the real default model's verified report, computed once per test session."""
+"""Shared fixtures: the real default model's verified report, computed once per test session, and two real servers
+on it (reliability.common's harness, which the campaigns use too)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,12 +11,60 @@ from pathlib import Path
 
 import pytest
 
+from reliability import common
+from reliability.certs import make_mtls
+from reliability.common import free_port, wait_serving
+from reliability.security import fortress_flags
+
+__all__ = ["TOKEN", "free_port", "run_cli", "serving", "start_server", "wait_serving"]
+
 SUPERWEIGHTS = str(Path(sys.executable).parent / "superweights")
+TOKEN = "test-token-0123456789"
+# every test server: a canary every 15 s, and limits that a handful of calls reach
+TEST_FLAGS = ("--canary-interval", "15", "--max-concurrent", "2", "--max-queue", "2")
+ENDS_SERVER_SCOPES = ("module", "session")
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([SUPERWEIGHTS, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "ends_server(scope): the test stops the server it uses, one of a "
+                            f"{' or '.join(ENDS_SERVER_SCOPES)}-scoped fixture: it runs after every other test of "
+                            "that module, or of the session")
+
+
+def _ends_server(item) -> str | None:
+    marker = item.get_closest_marker("ends_server")
+    if marker is None:
+        return None
+    scope = marker.args[0] if marker.args else marker.kwargs.get("scope")
+    if scope not in ENDS_SERVER_SCOPES:
+        raise pytest.UsageError(f"{item.nodeid}: ends_server takes one of {ENDS_SERVER_SCOPES}, got {scope!r}")
+    return scope
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that ends a shared server runs after the server's other users, by its marker, not its name: a
+    module-scoped server's ender last in its module (so the module's fixtures are not set up twice), a
+    session-scoped one's last in the session; otherwise the collection order is kept."""
+    ordinary, module_enders, session_enders = [], {}, []
+    for item in items:
+        scope = _ends_server(item)
+        if scope == "session":
+            session_enders.append(item)
+        elif scope == "module":
+            module_enders.setdefault(item.path, []).append(item)
+        else:
+            ordinary.append(item)
+    ordered = []
+    for i, item in enumerate(ordinary):
+        ordered.append(item)
+        if i + 1 == len(ordinary) or ordinary[i + 1].path != item.path:
+            ordered += module_enders.pop(item.path, [])
+    items[:] = ordered + [item for enders in module_enders.values() for item in enders] + session_enders
 
 
 @pytest.fixture(scope="session")
@@ -26,93 +76,13 @@ def default_detection():
 
 
 # -- real servers on loopback ----------------------------------------------------------------------------------
-import contextlib
-import signal
-import socket
-import time
-from dataclasses import dataclass
-
-TOKEN = "test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-    token: str | None = None
-    tls: dict | None = None
-
-    @property
-    def target(self) -> str:
-        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
-
-    def client(self, token: str | None = "default", timeout: float = 120):
-        from superweights.server.client import SuperWeightClient
-
-        return SuperWeightClient(self.target, token=self.token if token == "default" else token,
-                                 root_cert=self.tls["ca"] if self.tls else None, timeout=timeout)
-
-    def metrics_text(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 90) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | None = None) -> RunningServer:
-    port, metrics_port = free_port(), free_port()
-    args = [SUPERWEIGHTS, "serve", "--port", str(port), "--metrics-port", str(metrics_port), "--canary-interval", "15",
-            "--max-concurrent", "2", "--max-queue", "2", *extra]
-    if token:
-        args += ["--auth-token", token]
-    if tls:
-        args += ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
-    return RunningServer(process, port, metrics_port, log, token, tls)
-
-
-def wait_serving(server: RunningServer, timeout: float = 600) -> None:
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
-        try:
-            with server.client(timeout=5) as client:
-                if client.health() == "SERVING":
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not SERVING after {timeout} s:\n{server.log_tail()}")
+def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | None = None) -> common.Server:
+    """A test server: reliability.common.start_server with TEST_FLAGS first (a later repeat of a flag wins)."""
+    return common.start_server(log, *TEST_FLAGS, *extra, token=token, tls=tls)
 
 
 @contextlib.contextmanager
-def serving(running: dict[str, RunningServer]):
+def serving(running: dict[str, common.Server]):
     """Servers started together (their engines start in parallel), SERVING on entry, stopped on exit."""
     try:
         for server in running.values():
@@ -125,12 +95,13 @@ def serving(running: dict[str, RunningServer]):
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory, default_detection):
-    """Two real servers on the default model: "auth" (bearer tokens, plaintext) and "tls" (TLS, no auth).
+    """Two real servers on the default model: "auth" (bearer tokens, plaintext, reflection) and "tls" (mutual TLS:
+    reliability.certs' CA, server and client certificates, and a rogue client; no auth, no reflection, no canary,
+    at most 2 scaled variants, a 60 s grace; test_reliability's SIGTERM test ends it, last).
     `default_detection` first, so that both start from the verified report it cached."""
-    from tests.tls import make_certificates
-
     directory = tmp_path_factory.mktemp("servers")
-    certificates = make_certificates(directory)
+    certificates = make_mtls(directory / "certs")
     with serving({"auth": start_server(directory / "auth.log", token=TOKEN),
-                  "tls": start_server(directory / "tls.log", tls=certificates)}) as running:
+                  "tls": start_server(directory / "tls.log", *fortress_flags(cap=2), "--grace", "60",
+                                      tls=certificates)}) as running:
         yield running

@@ -1,5 +1,6 @@
 """Beyond the default model: a model without super weights is served as a normal case, and super weights declared
-on vLLM's dummy weights (how the 8B-shaped GPU benchmarks run) give working arms without detection."""
+on vLLM's dummy weights (how the 8B-shaped GPU benchmarks run) give working arms without detection. Last, the
+dummy-weight server's engine core is killed under load (quick to start, and it has adapters and scaled arms)."""
 
 import json
 import shutil
@@ -9,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from reliability.common import adapter_dir_of, adapter_files
+from reliability.faults import engine_kill_under_load
 from superweights.compression.models import resolve_checkpoint
 from tests.conftest import serving, start_server
 
@@ -37,14 +40,23 @@ def config_only_copy(directory):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def adapters_before():
+    """The servers' adapter directories on this machine before this module's servers start."""
+    return adapter_files()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, adapters_before):
+    """"plain" and "dummy"; "dummy" admits every call of the kill test at once and runs no canary (its requests
+    would blur "every call inside the engine")."""
     root = tmp_path_factory.mktemp("any_model")
     no_super_weight_model(root / "plain")
     config_only_copy(root / "dummy")
     # enforce_eager: without LoRA the CPU build compiles for about 40 s at every start
     with serving({"plain": start_server(root / "plain.log", str(root / "plain"), "--engine-arg", "enforce_eager=true"),
                   "dummy": start_server(root / "dummy.log", str(root / "dummy"), "--super-weights", DECLARED,
-                                        "--engine-arg", "load_format=dummy")}) as running:
+                                        "--engine-arg", "load_format=dummy", "--canary-interval", "0",
+                                        "--max-concurrent", "4")}) as running:
         yield running
 
 
@@ -79,3 +91,21 @@ def test_declared_super_weights_on_dummy_weights(models):
         response = client.compare("The capital of France is", max_tokens=3, temperature=0.0)
         assert [a.variant for a in response.arms] == ["base", "no_super_weights"]
     assert "declared (layer 11 [507, 1229], layer 11 [507, 1487]), not verified" in dummy.log.read_text()
+
+
+@pytest.mark.ends_server("module")
+def test_engine_core_sigkill_under_load(models, adapters_before):
+    """Two long streams, each past its first message, and a compare with a scaled arm inside the engine when its
+    core is SIGKILLed: health stops saying SERVING within 5 s, every call ends UNAVAILABLE (none finished before
+    the kill, none hangs), new calls are refused, the process exits 1, no engine process and no adapter
+    directory is left."""
+    dummy = models["dummy"]
+    adapter_dir = adapter_dir_of(dummy, adapters_before)  # the plain model has no super weights, so no adapters
+    result = engine_kill_under_load(dummy, streams=2, compares=1)
+    print(f"\nSIGKILL: {result}")
+    assert result["all_inside_engine_at_kill"] and result["ended_before_kill"] == 0, result["calls"]
+    assert result["hung"] == 0 and result["codes"] == ["UNAVAILABLE"], result["calls"]
+    assert result["not_serving_after_s"] is not None and result["not_serving_after_s"] <= 5
+    assert result["new_call_code"] == "UNAVAILABLE"
+    assert result["exit_code"] == 1 and result["processes_left"] == []
+    assert adapter_dir is not None and not adapter_dir.exists()

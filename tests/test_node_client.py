@@ -19,10 +19,15 @@ PROMPT = "The capital of France is"
 ENV = {k: v for k, v in os.environ.items() if k != "SUPERWEIGHTS_TOKEN"}  # the CLI's fallback for --token
 
 
-def run_node(server, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+def run_node(server, *args: str, token: str | None = TOKEN, certificate: bool = True) -> subprocess.CompletedProcess:
+    """The Node CLI against a test server: its CA when it has TLS, and (certificate=True) the client certificate
+    when it asks for one (mutual TLS)."""
     options = ["--target", server.target, "--timeout", "120"]
     options += ["--token", token] if token else []
-    options += ["--tls-ca", str(server.tls["ca"])] if server.tls else []
+    tls = server.tls or {}
+    options += ["--tls-ca", str(tls["ca"])] if tls else []
+    if certificate and tls.get("client_cert"):
+        options += ["--tls-cert", str(tls["client_cert"]), "--tls-key", str(tls["client_key"])]
     return subprocess.run([node(), str(NODE_CLIENT / "cli.js"), *options, *args], check=False, capture_output=True,
                           text=True, timeout=180, env=ENV)
 
@@ -82,6 +87,10 @@ def test_node_needs_the_bearer_token(auth):
     assert wrong.returncode == 1 and "error: PERMISSION_DENIED" in wrong.stderr, wrong.stderr
 
 
-def test_node_over_tls(servers):
+def test_node_over_mutual_tls(servers):
+    """servers["tls"] asks for a client certificate: with one the Node client is served, without one the
+    handshake fails."""
     info = node_json(servers["tls"], "info")
     assert info["model_name"] == "SmolLM2-135M-Instruct" and "no_super_weights" in info["variants"]
+    refused = run_node(servers["tls"], "info", token=None, certificate=False)
+    assert refused.returncode == 1 and "error: UNAVAILABLE" in refused.stderr, refused.stderr

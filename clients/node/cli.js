@@ -7,19 +7,23 @@ import { status } from "@grpc/grpc-js";
 
 import { SuperWeightClient } from "./client.js";
 
-const USAGE = `usage: node cli.js [--target HOST:PORT] [--token T] [--tls-ca CA.pem] [--timeout S] [--json] COMMAND
+const USAGE = `usage: node cli.js [--target HOST:PORT] [--token T] [--tls-ca CA.pem [--tls-cert C.pem --tls-key C.key]]
+                   [--timeout S] [--json] COMMAND
   generate PROMPT [--variant V] [--chat] [sampling]   stream a generation (text to stdout as it arrives)
   super-weights                                        the served super weights
   info                                                 the served model and its variants
   compare PROMPT [--variant V]... [--alpha A]... [--chat] [sampling]
                                                        one prompt through several arms, side by side
 sampling: --max-tokens N (64) --temperature T (0: greedy) --top-p P --top-k K --seed S
-The token may also come from $SUPERWEIGHTS_TOKEN. --json prints one JSON document instead of text.`;
+The token may also come from $SUPERWEIGHTS_TOKEN. --tls-cert/--tls-key: this client's certificate and key, for a
+server that requires one (mutual TLS). --json prints one JSON document instead of text.`;
 
 const OPTIONS = {
   target: { type: "string", default: "127.0.0.1:50051" },
   token: { type: "string", default: process.env.SUPERWEIGHTS_TOKEN ?? "" },
   "tls-ca": { type: "string" },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
   timeout: { type: "string", default: "300" },
   json: { type: "boolean", default: false },
   variant: { type: "string", multiple: true, default: [] },
@@ -111,8 +115,13 @@ async function main() {
     (values.help ? console.log : console.error)(USAGE);
     return values.help ? 0 : 2;
   }
+  if (Boolean(values["tls-cert"]) !== Boolean(values["tls-key"]) || (values["tls-cert"] && !values["tls-ca"])) {
+    console.error(`--tls-cert and --tls-key go together, and with --tls-ca\n${USAGE}`);
+    return 2;
+  }
+  const pem = (option) => (values[option] ? readFileSync(values[option]) : null);
   const client = new SuperWeightClient(values.target, { token: values.token, timeoutSeconds: Number(values.timeout),
-    rootCert: values["tls-ca"] ? readFileSync(values["tls-ca"]) : null });
+    rootCert: pem("tls-ca"), clientCert: pem("tls-cert"), clientKey: pem("tls-key") });
   try {
     if (command === "generate") await generate(client, text, values);
     else if (command === "super-weights") await superWeights(client, values);

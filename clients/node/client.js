@@ -27,11 +27,15 @@ export class SuperWeightClient {
   /**
    * @param {string} target "host:port"
    * @param {object} options token: bearer token when the server has auth on; rootCert: PEM (Buffer) of the CA
-   *   that signed the server's certificate (TLS); timeoutSeconds: deadline of every call; protoPath.
+   *   that signed the server's certificate (TLS); clientCert, clientKey: PEM (Buffers) of this client's
+   *   certificate and key, for a server that requires one (mutual TLS); timeoutSeconds: deadline of every call;
+   *   protoPath.
    */
-  constructor(target, { token = "", rootCert = null, timeoutSeconds = 300, protoPath = PROTO } = {}) {
+  constructor(target, { token = "", rootCert = null, clientCert = null, clientKey = null, timeoutSeconds = 300,
+    protoPath = PROTO } = {}) {
     const Service = loadService(protoPath);
-    const credentials = rootCert ? grpc.credentials.createSsl(rootCert) : grpc.credentials.createInsecure();
+    const credentials = rootCert ? grpc.credentials.createSsl(rootCert, clientKey, clientCert)
+      : grpc.credentials.createInsecure();
     this.stub = new Service(target, credentials);
     // Per-call metadata rather than call credentials: grpc-js sends call credentials over TLS only, and the
     // server accepts a token on a plaintext loopback port too.
