@@ -295,7 +295,9 @@ def adapter_dir_holding(variant: str) -> Path | None:
 def write_result(name: str, data: dict) -> Path:
     """reliability/results/<name>.json with the date, the command and the machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    # "-dirty": the campaign ran on uncommitted changes on top of that commit
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                            cwd=REPO, check=False)
     record = {"campaign": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m " + " ".join([f"reliability.{name}", *sys.argv[1:]]),
               "commit": commit.stdout.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "

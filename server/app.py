@@ -27,7 +27,7 @@ from superweights.compression.evaluation import EvalText, load_eval_text
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
-from .engine import REMOVED, EngineConfig, SuperWeightEngine, installed_engine
+from .engine import BASE, REMOVED, EngineConfig, SuperWeightEngine, installed_engine
 from .metrics import Metrics, read_at_scrape
 from .quality import Canary
 from .service import Limits, SuperWeightService
@@ -299,9 +299,10 @@ async def check_served_super_weights(engine: SuperWeightEngine) -> list[float] |
 
 
 async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_text: EvalText) -> dict[str, float]:
-    """The served weights against the report: through the engine, base perplexity on the report's evaluation
-    tokens (in the report's windows, BOS first where the tokenizer adds one) must match the offline baseline, and
-    removing the super weights must cost what the report says."""
+    """The served weights against the report, through the engine: base perplexity on the report's evaluation tokens
+    (in the report's windows, BOS first where the tokenizer adds one) must match the offline baseline, and removing
+    the super weights must cost at least min_effect. Returns those two perplexities (the one-weight arms are left to
+    the canary's first run: nothing checks them here)."""
     report = engine.report
     if report.facts.declared:  # nothing offline to hold the engine to; the values were probed or read
         await check_served_super_weights(engine)
@@ -310,28 +311,32 @@ async def self_check(engine: SuperWeightEngine, config: ServeConfig, eval_text: 
         return {}
     facts = report.evaluation
     eval_ids = eval_text.ids[: facts.tokens].tolist()
-    window = facts.window
-    variants = [engine.resolve(name) for name in engine.fixed_variants]
-    served = dict(zip(engine.fixed_variants, await asyncio.gather(*(
-        engine.perplexity(eval_ids, v, window, eval_text.bos_id) for v in variants))))
+    arms = [BASE, REMOVED] if report.super_weights else [BASE]
+    served = dict(zip(arms, await asyncio.gather(*(
+        engine.perplexity(eval_ids, engine.resolve(a), facts.window, eval_text.bos_id) for a in arms))))
     offline = facts.baseline_perplexity
-    drift = abs(served["base"] / offline - 1)
+    drift = abs(served[BASE] / offline - 1)
     float32 = engine.dtype == "float32" and facts.dtype == "float32"
     tolerance = config.self_check_tolerance or (0.02 if float32 else 0.10)
-    log.info("self-check: base perplexity %.3f through the engine, %.3f offline (%.2f%%)", served["base"], offline,
+    log.info("self-check: base perplexity %.3f through the engine, %.3f offline (%.2f%%)", served[BASE], offline,
              100 * drift)
     if drift > tolerance:
-        raise StartupError(f"the served model disagrees with its report: perplexity {served['base']:.3f} through "
+        raise StartupError(f"the served model disagrees with its report: perplexity {served[BASE]:.3f} through "
                            f"the engine against {offline:.3f} offline ({100 * drift:.1f}% apart)")
     if report.super_weights:
         await check_served_super_weights(engine)
-        ratio = served[REMOVED] / served["base"]
-        log.info("self-check: without super weights perplexity x%.1f (report: x%.1f)", ratio,
+        ratio = served[REMOVED] / served[BASE]
+        log.info("self-check: without super weights perplexity x%.1f (report, on its screen: x%.1f)", ratio,
                  facts.removed_ratio)
         if ratio < report.min_effect:
             raise StartupError(f"removing the reported super weights through the engine changed perplexity only "
                                f"x{ratio:.2f}: the served weights do not hold them")
     return served
+
+
+def canary_probe(eval_text: EvalText, window: int) -> list[int]:
+    """The canary's fixed probe: the evaluation text's first window (BOS included where the tokenizer adds one)."""
+    return eval_text.ids[: window - (eval_text.bos_id is not None)].tolist()
 
 
 class Server:
@@ -394,9 +399,8 @@ class Server:
 
         self.service.open(self.engine, model_info(self.engine, config, checkpoint))
         window = report.evaluation.window
-        probe = eval_text.ids[: window - (eval_text.bos_id is not None)].tolist()  # one window, BOS included
-        self.canary = Canary(self.engine, self.metrics, probe, interval=config.canary_interval, window=window,
-                             bos_id=eval_text.bos_id)
+        self.canary = Canary(self.engine, self.metrics, canary_probe(eval_text, window),
+                             interval=config.canary_interval, window=window, bos_id=eval_text.bos_id)
         for variant, value in served.items():
             self.metrics.canary_perplexity.labels(variant).set(value)
         self.canary.start()
