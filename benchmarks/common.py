@@ -91,20 +91,22 @@ class Timer:
 
 # -- the three clients ---------------------------------------------------------------------------------------------
 class OursClient:
-    def __init__(self, port: int):
+    """token_ids_only: the server skips detokenizing (GenerateRequest.token_ids_only), like vLLM's gRPC server."""
+
+    def __init__(self, port: int, token_ids_only: bool = False):
         import grpc
 
         from superweights.v1 import superweights_pb2 as pb
         from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
-        self.pb = pb
+        self.pb, self.token_ids_only = pb, token_ids_only
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.SuperWeightServiceStub(self.channel)
 
     async def stream(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
         pb = self.pb
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=pb.SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True), token_ids_only=self.token_ids_only)
         timer = Timer()
         async for message in self.stub.Generate(request):
             timer.tokens_arrived(len(message.token_ids))
@@ -262,8 +264,8 @@ class RunningServer:
         return t.user + t.system
 
     def client(self):
-        if self.spec.client == "ours":
-            return OursClient(self.spec.port)
+        if self.spec.client in ("ours", "ours-ids"):
+            return OursClient(self.spec.port, token_ids_only=self.spec.client == "ours-ids")
         if self.spec.client == "openai":
             return OpenAIClient(self.spec.port, "m")
         return VllmGrpcClient(self.spec.port)

@@ -51,8 +51,8 @@ from benchmarks.common import (
 from benchmarks.engine_metrics import LevelProbe, registry_reader, url_reader
 
 LEVELS, TOKENS = (1, 32, 256), 128
-PER_CLIENT = {1: 4, 32: 2, 256: 2}  # requests each client sends at a level
-ARMS = ("offline", "ours", "vllm-grpc", "vllm-openai")
+PER_CLIENT = {1: 8, 32: 4, 256: 3}  # requests each client sends at a level
+ARMS = ("offline", "ours", "ours-ids", "vllm-grpc", "vllm-openai")  # ours-ids: token ids only, as vllm-grpc
 EXTRA_ARMS = ("ours-engine-context", "vllm-openai-nolora")
 SCHEDULER = {"max_num_seqs": 1024, "max_num_batched_tokens": 8192}
 ENGINE_CONTEXT_SCHEDULER = {"max_num_seqs": 128, "max_num_batched_tokens": 2048}  # vLLM's SchedulerConfig fallbacks
@@ -138,12 +138,12 @@ def grpc_module() -> str:
 def server_spec(name: str, model: Model, options: dict) -> tuple[ServerSpec, int | None]:
     """(how to start `name` on free loopback ports, its metrics port or None)."""
     port, host, model_dir = free_port(), ["--host", "127.0.0.1"], model.path
-    if name in ("ours", "ours-engine-context"):
+    if name in ("ours", "ours-ids", "ours-engine-context"):
         metrics = free_port()
         cmd = [sys.executable, "-m", "superweights.server.cli", "-q", "serve", str(model_dir), "--port", str(port),
                "--metrics-port", str(metrics), "--canary-interval", "0", "--max-concurrent", "1024",
                "--max-queue", "1024", "--super-weights", model.declared, *ours_flags(options)]
-        return ServerSpec(name, cmd, port, "ours", "grpc-health"), metrics
+        return ServerSpec(name, cmd, port, "ours-ids" if name == "ours-ids" else "ours", "grpc-health"), metrics
     if name in ("vllm-openai", "vllm-openai-nolora"):
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port",
                str(port), *host, "--served-model-name", "m", *cli_flags(options)]
@@ -165,8 +165,8 @@ def arm_options(name: str, model: Model) -> dict:
 
 # -- clients ---------------------------------------------------------------------------------------------------
 def make_client(spec: ServerSpec):
-    if spec.client == "ours":
-        return OursClient(spec.port)
+    if spec.client in ("ours", "ours-ids"):
+        return OursClient(spec.port, token_ids_only=spec.client == "ours-ids")
     if spec.client == "openai":
         return OpenAIClient(spec.port, "m")
     return VllmGrpcClient(spec.port)
@@ -220,7 +220,7 @@ async def measure_server(name: str, model: Model, prompt_set: list[list[int]], l
     server = RunningServer(spec, log_dir)
     try:
         result["startup_seconds"] = await server.wait_ready(ready_timeout)
-        if spec.client == "ours":
+        if spec.client in ("ours", "ours-ids"):
             result["checks"] = await asyncio.to_thread(ours_checks, spec.port, prompt_set[0])
         read = url_reader(f"http://127.0.0.1:{metrics_port}/metrics") if metrics_port else None
         client = make_client(spec)

@@ -194,6 +194,7 @@ def run(model: Model, args: argparse.Namespace) -> dict:
     budget = Budget(args.budget_s)
     path = args.out / f"gpu8b_quant_{'_'.join(args.models)}.json"
     results = {**device_facts(), "plugin": register_plugin(), "env": arm_env(), "super_weights": model.declared,
+               "config": json.loads((model.path / "config.json").read_text()),
                "weights": "dummy (config only)" if args.config_only else "random-initialized, written",
                "planted": None if args.config_only else PLANTED, "tokens": args.tokens, "rounds": ROUNDS,
                "models": []}
@@ -221,12 +222,13 @@ def run(model: Model, args: argparse.Namespace) -> dict:
     return results
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("run", help="make what is missing, then measure each model (the device call)")
     add_run_options(p)
-    p.add_argument("models", nargs="*", default=list(MODELS), choices=MODELS)
+    # no choices=: argparse checks an empty or default list of nargs="*" against them as one value
+    p.add_argument("models", nargs="*", metavar="MODEL", help=f"of {', '.join(MODELS)} (default: all)")
     p.add_argument("--art", type=Path, default=Path.home() / "art8b")
     p.add_argument("--config-only", action="store_true", help="no weights: config.json + dummy load")
     p.add_argument("--device", default="cuda", help="where the artifacts are made (cpu to try it here)")
@@ -241,7 +243,16 @@ def main() -> None:
     e.add_argument("--tokens", type=int, default=TOKENS)
     e.add_argument("--streams", nargs="+", type=int, default=list(STREAMS))
     e.add_argument("--result", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.what == "run":
+        args.models = args.models or list(MODELS)
+        if unknown := sorted(set(args.models) - set(MODELS)):
+            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(MODELS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     model = model_from(args)
     if args.what == "run":
         run(model, args)

@@ -282,7 +282,7 @@ async def check_served_super_weights(engine: SuperWeightEngine) -> list[float] |
     float32; 16-bit outputs round at 2^-8, so 1% there)."""
     values = await engine.served_super_weights()
     if values is None:
-        log.info("self-check: super weights split across workers; not probed")
+        log.info("self-check: no engine worker reported every super weight; not probed (see the warning above)")
         return None
     tolerance = 1e-4 if engine.dtype == "float32" else 1e-2
     protected = engine.report.facts.protected  # False: an artifact made with --no-protect

@@ -59,14 +59,16 @@ class SuperWeightClient:
         self.close()
 
     def generate_stream(self, prompt: str | list[int], variant: str = "", chat: bool = False,
-                        **sampling_args) -> Iterator[pb.GenerateResponse]:
-        request = pb.GenerateRequest(sampling=sampling(**sampling_args), variant=variant, chat=chat, **_prompt(prompt))
+                        token_ids_only: bool = False, **sampling_args) -> Iterator[pb.GenerateResponse]:
+        request = pb.GenerateRequest(sampling=sampling(**sampling_args), variant=variant, chat=chat,
+                                     token_ids_only=token_ids_only, **_prompt(prompt))
         return self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout)
 
-    def generate(self, prompt: str | list[int], variant: str = "", chat: bool = False, **sampling_args) -> dict:
+    def generate(self, prompt: str | list[int], variant: str = "", chat: bool = False, token_ids_only: bool = False,
+                 **sampling_args) -> dict:
         """The whole generation: text, token ids, per-token choices, finish reason and counts."""
         text, ids, tokens, last = [], [], [], None
-        for message in self.generate_stream(prompt, variant, chat, **sampling_args):
+        for message in self.generate_stream(prompt, variant, chat, token_ids_only, **sampling_args):
             text.append(message.text)
             ids.extend(message.token_ids)
             tokens.extend(message.tokens)

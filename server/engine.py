@@ -88,6 +88,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     logprobs: int = 0
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only, every text empty (GenerateRequest.token_ids_only)
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,9 @@ class SuperWeightEngine:
         if any(math.isnan(w.value) for w in self.report.super_weights):  # declared, no weights on disk (dummy)
             values = await self.served_super_weights()
             if values is None:
-                raise EngineOptionError("declared super weights on a dummy-weight model cannot be read from the "
-                                        "engine under tensor or pipeline parallelism; load real weights")
+                raise EngineOptionError("declared super weights on a dummy-weight model: no engine worker holds "
+                                        "every one of them (see the warning above), so their values cannot be read "
+                                        "back; check the declared layer:row:col against the model")
             for w, value in zip(self.report.super_weights, values):
                 w.value = value
         if self.cpu:  # the CPU build's slot -1 bug (module docstring): base goes through an all-zero adapter
@@ -422,20 +424,21 @@ class SuperWeightEngine:
                                   top_k=max(s.top_k, 0), seed=s.seed, stop=list(s.stop) or None,
                                   logprobs=s.logprobs or None,
                                   ignore_eos=s.ignore_eos, prompt_logprobs=prompt_logprobs,
-                                  output_kind=RequestOutputKind.DELTA)
+                                  detokenize=s.detokenize, output_kind=RequestOutputKind.DELTA)
         except ValueError as e:
             raise InvalidRequestError(f"sampling: {e}") from e
 
-    def _choices(self, token_ids, logprobs) -> tuple[TokenChoice, ...]:
+    def _choices(self, token_ids, logprobs, detokenize: bool = True) -> tuple[TokenChoice, ...]:
         if not logprobs:
             return ()
+        text = (lambda lp, tid: lp.decoded_token or self.decode([tid])) if detokenize else (lambda lp, tid: "")
         choices = []
         for token_id, candidates in zip(token_ids, logprobs):
             ranked = sorted(candidates.items(), key=lambda kv: -kv[1].logprob)
             chosen = candidates[token_id]
             choices.append(TokenChoice(
-                token_id=token_id, token=chosen.decoded_token or self.decode([token_id]), logprob=chosen.logprob,
-                top=tuple((tid, lp.decoded_token or self.decode([tid]), lp.logprob) for tid, lp in ranked)))
+                token_id=token_id, token=text(chosen, token_id), logprob=chosen.logprob,
+                top=tuple((tid, text(lp, tid), lp.logprob) for tid, lp in ranked)))
         return tuple(choices)
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling,
@@ -454,8 +457,9 @@ class SuperWeightEngine:
                     o = out.outputs[0]
                     completion += len(o.token_ids)
                     finish = o.finish_reason if out.finished else None
-                    yield Chunk(text=o.text, token_ids=tuple(o.token_ids),
-                                tokens=self._choices(o.token_ids, o.logprobs), finish_reason=finish,
+                    yield Chunk(text=o.text or "", token_ids=tuple(o.token_ids),
+                                tokens=self._choices(o.token_ids, o.logprobs, sampling.detokenize),
+                                finish_reason=finish,
                                 prompt_tokens=len(prompt_ids), completion_tokens=completion)
             except (asyncio.CancelledError, GeneratorExit):
                 await engine.abort(request_id)

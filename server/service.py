@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -256,6 +256,11 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         async with self._rpc("Generate", context):
             sampling = sampling_from_proto(request.sampling, self.limits)
+            if request.token_ids_only:
+                if sampling.stop:
+                    raise invalid("token_ids_only cannot be combined with sampling.stop: stop strings match on "
+                                  "the text the server would not decode; stop on token ids on the client instead")
+                sampling = replace(sampling, detokenize=False)
             variant = self.engine.resolve(request.variant)
             ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
             start, first = time.perf_counter(), True

@@ -159,6 +159,16 @@ def _level(c: int, tok: float, ttft: float | None = None, **server_side) -> dict
     return level
 
 
+def test_the_quantized_run_takes_every_model_by_default_and_refuses_unknown_ones(capsys):
+    from benchmarks import gpu_8b_quant
+
+    assert gpu_8b_quant.parse_args(["run"]).models == ["bf16", "w4a16", "fp8-dynamic", "w8a8"]
+    assert gpu_8b_quant.parse_args(["run", "w8a8"]).models == ["w8a8"]
+    with pytest.raises(SystemExit):
+        gpu_8b_quant.parse_args(["run", "int3"])
+    assert "unknown model int3: choose from bf16, w4a16, fp8-dynamic, w8a8" in capsys.readouterr().err
+
+
 def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     from benchmarks import report
 
@@ -169,13 +179,18 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     serving = {**facts, "tokens": 128, "per_client": {"1": 4, "32": 2, "256": 2}, "arms": [
         {"arm": "offline", "engine_options": {"max_num_seqs": 1024}, "levels": [_level(1, 100), _level(256, 9000)]},
         {"arm": "ours", "levels": [_level(1, 98, 20), _level(256, 8800, 300, **queue)]},
+        {"arm": "ours-ids", "levels": [_level(1, 99, 20), _level(256, 8900, 290)]},
         {"arm": "vllm-openai", "levels": [_level(1, 95, 21), _level(256, 8000, 250)]},
-        {"arm": "vllm-grpc", "skipped": "40 s left in the call's budget"}]}
+        {"arm": "vllm-grpc", "levels": [_level(1, 100, 22), _level(256, 8700, 280)]},
+        {"arm": "vllm-openai-nolora", "skipped": "40 s left in the call's budget"}]}
     lora = {**facts, "tokens": 128, "rounds": 2, "mix": 0.1, "configs": [
         {"config": "down_proj", "base": [_level(1, 90), _level(32, 2000)], "mixed": [_level(32, 1800)]},
         {"config": "off", "base": [_level(1, 100), _level(32, 2500)]},
         {"config": "all", "error": "exit 1: boom"}]}
-    quant = {**facts, "weights": "random-initialized, written", "planted": 1.0, "tokens": 128, "models": [
+    quant = {**facts, "weights": "random-initialized, written", "planted": 1.0, "tokens": 128,
+             "config": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "vocab_size": 128256,
+                        "num_attention_heads": 32, "num_key_value_heads": 8},
+             "make": {"made": [{"init_seconds": 9}, {"scheme": "w4a16", "bytes": 6_050_000_000}]}, "models": [
         {"model": "bf16", "startup_seconds": 60, "engine_values": [0.001], "decode": [_level(1, 100), _level(32, 2000)]},
         {"model": "w4a16", "startup_seconds": 90, "engine_values": [1.0], "decode": [_level(1, 180), _level(32, 2600)]}]}
     for name, data in (("gpu8b_serving", serving), ("gpu8b_lora", lora), ("gpu8b_quant_bf16_w4a16", quant)):
@@ -184,13 +199,17 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     assert "## GPU: an 8B-shaped model" in text and "| ours | 256 | 8,800 | 300 | 600 | 5.00 | 9.00 | 0 |" in text
     assert "ours / offline, tok/s: 1 streams 0.98, 256 streams 0.98" in text
     assert "ours / vllm-openai, TTFT p50: 1 streams 0.95, 256 streams 1.20" in text
-    assert ("Goals: throughput at least 0.95x offline at 256: met; TTFT p50 no worse than vLLM's OpenAI server's: "
-            "not met at 256 streams.") in text
+    assert "ours-ids / vllm-grpc, tok/s: 1 streams 0.99, 256 streams 1.02" in text and "like-for-like" in text
+    assert ("Goals: throughput at least 0.95x offline at 256: met; throughput at least vLLM's gRPC server's "
+            "(ours-ids): not met at 1 streams; TTFT p50 no worse than vLLM's OpenAI server's: not met at 256 "
+            "streams.") in text
     assert "| ours | 256 | 300 | - | - | 700 | - | 128 | 128 | 0 |" in text, "the engine's queue, shown"
-    assert "`vllm-grpc` skipped: 40 s left in the call's budget." in text
     assert "| on, down_proj only (ours) | mixed | - | 1,800 | 0.72 |" in text and "`all` did not complete" in text
+    assert "`vllm-openai-nolora` skipped: 40 s left in the call's budget." in text
+    assert "no mixed warm-up in this run" in text
     assert "| w4a16 | 180 | 2,600 | 1.80 / 1.30 | 1.0000 | 90 |" in text
-    assert "w4a16 at batch 1: 1.80x bf16 (goal: at least 1.5x)." in text
+    assert "w4a16 at batch 1: 1.80x bf16 (goal: at least 1.5x; met)." in text
+    assert "the weights a step reads take 3.1 ms in bf16 (15.0 GB) and 1.0 ms in w4a16 (5.0 GB" in text
     assert "Not measured: it needs the `nvidia-h200-x2` kind" in text
     assert (tmp_path / "gpu8b_serving.png").is_file()
     assert report.gpu8b_lines(tmp_path / "empty") == [], "no 8B results, no section: BENCHMARKS.md stays as it is"

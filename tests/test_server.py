@@ -66,6 +66,16 @@ def test_generate_streams_deltas_and_a_final_message(client):
     assert "".join(m.text for m in messages).strip()
 
 
+def test_token_ids_only_streams_the_same_ids_and_logprobs_without_text(client):
+    args = {"max_tokens": 12, "logprobs": 2, "ignore_eos": True, **GREEDY}
+    full = client.generate("Once upon a time", **args)
+    bare = client.generate("Once upon a time", token_ids_only=True, **args)
+    assert full["text"].strip() and all(t.token for t in full["tokens"])
+    assert bare["token_ids"] == full["token_ids"] and bare["completion_tokens"] == 12
+    assert bare["text"] == "" and all(t.token == "" and all(a.token == "" for a in t.top) for t in bare["tokens"])
+    assert [t.logprob for t in bare["tokens"]] == pytest.approx([t.logprob for t in full["tokens"]], abs=1e-4)
+
+
 def test_generate_from_token_ids_equals_text_prompt(client, default_detection):
     from transformers import AutoTokenizer
 
@@ -158,6 +168,7 @@ def test_expired_deadline_is_aborted_in_the_engine(auth):
     ({"prompt": "hi", "variant": "no_such_arm"}, "unknown variant 'no_such_arm'"),
     ({"prompt": "word " * 3000}, "exceeds the context of 2048 tokens"),
     ({"prompt": "hi", "stop": ["x"] * 65}, "sampling.stop has 65 strings; the limit is 64"),
+    ({"prompt": "hi", "stop": ["."], "token_ids_only": True}, "token_ids_only cannot be combined with sampling.stop"),
 ])
 def test_bad_generate_input_is_invalid_argument(client, request_args, fragment):
     args = dict(request_args)
