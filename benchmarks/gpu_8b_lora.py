@@ -8,8 +8,9 @@ each in a child process of its own so its GPU memory is released before the next
     all        LoRA on every module vLLM wraps (its default reach), rank 8
 Workloads: base requests only at 1 / 32 / 256 at once; and, with LoRA on, 10% of each batch of 32 / 256 on the
 removal arm (a rank-3 adapter removing the three declared super weights, their values probed from the engine),
-after one untimed mixed batch of each size (the first run of 2026-12-01 had none, so the adapter's first load and
-the LoRA kernels' first compile were timed in the 32-stream level).
+after one untimed mixed batch of each size. The first run of 2026-12-01 had none, and its first mixed level (32)
+came out at 0.61x; with the warm-up (3.6 s for batches that take 2.4 s warm: the adapter's first load and the LoRA
+kernels' first compile) the same level is 0.96x.
 
     python -m benchmarks.gpu_8b_lora run --out $OUT      # device; writes $OUT/gpu8b_lora.json after each config
 """

@@ -688,8 +688,13 @@ def gpu8b_lora_lines(run: dict) -> list[str]:
               f"{run['rounds']} batches per figure. `base` rows: requests without an adapter; `mixed` rows: "
               f"{100 * run['mix']:.0f}% of each batch on the removal arm (a rank-3 adapter removing the declared "
               "super weights, their values probed from the engine), tok/s over all requests"
-              + (", after one untimed mixed batch of each size." if any("mixed_warmup_seconds" in c for c in
-                                                                       configs.values())
+              + (", after one untimed mixed batch of each size ("
+                 + ", ".join(f"{c['mixed_warmup_seconds']:.1f} s in `{n}` for batches that take "
+                             f"{sum(lv['batch_seconds_median'] for lv in c['mixed']):.1f} s warm"
+                             for n, c in configs.items() if "mixed_warmup_seconds" in c)
+                 + ": the adapter's first load and the LoRA kernels' first compile, which the first run below "
+                   "timed inside its first mixed figure)."
+                 if any("mixed_warmup_seconds" in c for c in configs.values())
                  else "; no mixed warm-up in this run: the adapter's first load and the LoRA kernels' first "
                       "compile are inside the first mixed figure.")), "",
              *_header(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off"], "ll" + "r" * len(batches))]
