@@ -323,6 +323,8 @@ def expected(method: str, message, variants: set[str]) -> str | None:
             and 0 < top_p <= 1 and s.top_k >= -1 and 0 <= s.logprobs <= MAX_LOGPROBS and len(s.stop) <= MAX_STOP
             and all(1 <= len(x) <= MAX_STOP_CHARS for x in s.stop)):
         return "refuse"
+    if method == "Generate" and message.token_ids_only and s.stop:  # stop strings match on text it would not decode
+        return "refuse"
     names = [message.variant] if method == "Generate" else list(message.variants)
     for name in names:
         if name not in variants:
