@@ -461,12 +461,14 @@ def gpu8b_lines(gpu: Path) -> list[str]:
     lines += ttft_135m_lines(_json_or_none(gpu / "ttft_135m.json"))
     lines += gpu8b_lora_lines(lora) if lora else ["", "### What the A/B arms cost base traffic at 8B", "",
                                                   "Not measured yet (`benchmarks/gpu_8b_lora.py`)."]
+    if lora:
+        lines += _plot_line(lora_plot(lora, gpu))
     first_lora = _json_or_none(gpu / "gpu8b_lora_first.json")
     if first_lora:
         lines += ["", "The first run of the day, without the mixed warm-up:", *gpu8b_lora_lines(first_lora)[4:]]
     config = (serving or {}).get("config")
-    lines += gpu8b_quant_lines(quant, config) if quant else ["", "### Quantized serving at 8B", "",
-                                                     "Not measured yet (`benchmarks/gpu_8b_quant.py`)."]
+    lines += (gpu8b_quant_lines(quant, config) + _plot_line(quant_plot(quant, gpu)) if quant else
+              ["", "### Quantized serving at 8B", "", "Not measured yet (`benchmarks/gpu_8b_quant.py`)."])
     return lines + gpu8b_tp_lines(tp)
 
 
@@ -754,6 +756,56 @@ def gpu8b_quant_lines(runs: list[dict], model_config: dict | None = None) -> lis
                            "cost at batch 1. The bf16 row is the dummy-weight model: its engine values are vLLM's random "
                            "ones; decode speed does not depend on the values.")]
     return lines + _unfinished(entries, "model")
+
+
+def _plot_line(png: str | None) -> list[str]:
+    return ["", f"![{png}](benchmarks/gpu/{png})"] if png else []
+
+
+def bar_plot(groups: dict[str, dict[int, float]], out: Path, title: str, ylabel: str, xlabel: str) -> str | None:
+    """Grouped bars: one group per x value (streams), one bar per series; None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {name: values for name, values in groups.items() if values}
+    xs = sorted({x for values in groups.values() for x in values})
+    if not xs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / len(groups)
+    for i, (name, values) in enumerate(groups.items()):
+        ax.bar([j + i * width for j, x in enumerate(xs)], [values.get(x, 0.0) for x in xs], width, label=name)
+    ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(xs))], [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out.name
+
+
+def lora_plot(run: dict, gpu: Path) -> str | None:
+    configs = {c["config"]: c for c in run["configs"] if c.get("base")}
+    off = {lv["concurrency"]: lv["tokens_per_s"] for lv in configs.get("off", {}).get("base", [])}
+    groups = {f"{LORA_LABELS.get(name, name)}, {kind}": {lv["concurrency"]: lv["tokens_per_s"] / off[lv["concurrency"]]
+                                                        for lv in c.get(kind, []) if lv["concurrency"] in off}
+              for name, c in configs.items() for kind in ("base", "mixed")}
+    return bar_plot(groups, gpu / "gpu8b_lora.png", f"throughput against LoRA off, 8B-shaped, {_short(run['gpu'])}",
+                    "x of LoRA off", "requests at once")
+
+
+def quant_plot(runs: list[dict], gpu: Path) -> str | None:
+    tok = {e["model"]: {lv["concurrency"]: lv["tokens_per_s"] for lv in e["decode"]}
+           for r in runs for e in r["models"] if e.get("decode")}
+    bf16 = tok.get("bf16", {})
+    groups = {name: {c: v / bf16[c] for c, v in values.items() if c in bf16} for name, values in tok.items()}
+    return bar_plot(groups, gpu / "gpu8b_quant.png", f"decode speed against bf16, 8B-shaped, {_short(runs[0]['gpu'])}",
+                    "x of bf16", "streams")
 
 
 def llama_parameters(config: dict) -> int:

@@ -212,4 +212,6 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     assert "the weights a step reads take 3.1 ms in bf16 (15.0 GB) and 1.0 ms in w4a16 (5.0 GB" in text
     assert "Not measured: it needs the `nvidia-h200-x2` kind" in text
     assert (tmp_path / "gpu8b_serving.png").is_file()
+    assert (tmp_path / "gpu8b_lora.png").is_file() and (tmp_path / "gpu8b_quant.png").is_file()
+    assert "![gpu8b_quant.png](benchmarks/gpu/gpu8b_quant.png)" in text
     assert report.gpu8b_lines(tmp_path / "empty") == [], "no 8B results, no section: BENCHMARKS.md stays as it is"
