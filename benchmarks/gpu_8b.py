@@ -39,11 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.common import (
-    OpenAIClient,
-    OursClient,
     RunningServer,
     ServerSpec,
-    VllmGrpcClient,
     free_port,
     prompts,
     run_level,
@@ -163,15 +160,6 @@ def arm_options(name: str, model: Model) -> dict:
     return engine_options(model)
 
 
-# -- clients ---------------------------------------------------------------------------------------------------
-def make_client(spec: ServerSpec):
-    if spec.client in ("ours", "ours-ids"):
-        return OursClient(spec.port, token_ids_only=spec.client == "ours-ids")
-    if spec.client == "openai":
-        return OpenAIClient(spec.port, "m")
-    return VllmGrpcClient(spec.port)
-
-
 # -- one server arm ----------------------------------------------------------------------------------------------
 def ours_checks(port: int, prompt_ids: list[int]) -> dict:
     """The served super weights as the engine computes with them, and the base arm against base alone."""
@@ -223,7 +211,7 @@ async def measure_server(name: str, model: Model, prompt_set: list[list[int]], l
         if spec.client in ("ours", "ours-ids"):
             result["checks"] = await asyncio.to_thread(ours_checks, spec.port, prompt_set[0])
         read = url_reader(f"http://127.0.0.1:{metrics_port}/metrics") if metrics_port else None
-        client = make_client(spec)
+        client = server.client()
         try:
             for p in prompt_set[:2]:
                 await client.stream(p, 16)  # warm-up

@@ -88,15 +88,15 @@ def measure_config(model: Model, name: str, batches=BATCHES, mix_batches=MIX_BAT
         return result
     with tempfile.TemporaryDirectory(prefix="gpu8b-lora-") as tmp:
         removal, result["probed_values"] = removal_adapter(llm, model, Path(tmp))
-        mixes = {n: [removal] * max(1, math.ceil(MIX * n)) for n in mix_batches}  # the first k take the removal arm
+        removals = {n: max(1, math.ceil(MIX * n)) for n in mix_batches}  # the first k of each batch take the arm
+        loras = {n: [removal] * k + [None] * (n - k) for n, k in removals.items()}
         t0 = time.perf_counter()
-        for n, arms in mixes.items():  # warm-up, untimed: the adapter's first load and the LoRA kernels' first
-            batch = [{"prompt_token_ids": prompt_set[i % len(prompt_set)]} for i in range(n)]  # compile at n
-            llm.generate(batch, params, use_tqdm=False, lora_request=arms + [None] * (n - len(arms)))
+        for n, lora in loras.items():  # warm-up, untimed: the adapter's first load, the LoRA kernels' first compile
+            offline_level(llm, params, prompt_set, n, 1, lora=lora)
         result["mixed_warmup_seconds"] = time.perf_counter() - t0
-        for n, arms in mixes.items():
-            level = offline_level(llm, params, prompt_set, n, ROUNDS, lora=arms + [None] * (n - len(arms)))
-            result["mixed"].append({**level, "removal_requests": len(arms)})
+        for n, lora in loras.items():
+            level = offline_level(llm, params, prompt_set, n, ROUNDS, lora=lora)
+            result["mixed"].append({**level, "removal_requests": removals[n]})
     return result
 
 

@@ -58,6 +58,21 @@ def _header(cells: list[str], align: str = "") -> list[str]:
     return ["| " + " | ".join(cells) + " |", "| " + " | ".join(rule) + " |"]
 
 
+LEVEL_CELLS = {"tok/s": lambda lv: f"{lv['tokens_per_s']:,.0f}",
+               "TTFT p50 ms": lambda lv: _ms(lv.get("ttft_p50_ms")), "TTFT p99 ms": lambda lv: _ms(lv.get("ttft_p99_ms")),
+               "ITL p50 ms": lambda lv: _ms(lv.get("itl_p50_ms"), ".2f"),
+               "ITL p99 ms": lambda lv: _ms(lv.get("itl_p99_ms"), ".2f"), "errors": lambda lv: str(lv.get("errors", 0))}
+
+
+def _level_table(by_arm: dict[str, dict[int, dict]], columns: list[str]) -> list[str]:
+    """One row per arm and level (streams), the LEVEL_CELLS named by `columns`."""
+    lines = _header(["arm", "streams", *columns], "lr" + "r" * len(columns))
+    for arm, levels in by_arm.items():
+        for c, lv in sorted(levels.items()):
+            lines.append("| " + " | ".join([arm, str(c), *(LEVEL_CELLS[k](lv) for k in columns)]) + " |")
+    return lines
+
+
 def _requests_per_client(levels: list[dict]) -> str:
     """'2 requests per client', or '4 requests per client at N=1 and 2 above' where the first level differs."""
     levels = sorted(levels, key=lambda lv: lv["concurrency"])
@@ -465,7 +480,7 @@ def gpu8b_lines(gpu: Path) -> list[str]:
         lines += _plot_line(lora_plot(lora, gpu))
     first_lora = _json_or_none(gpu / "gpu8b_lora_first.json")
     if first_lora:
-        lines += ["", "The first run of the day, without the mixed warm-up:", *gpu8b_lora_lines(first_lora)[4:]]
+        lines += gpu8b_lora_lines(first_lora, intro="The first run of the day, without the mixed warm-up:")
     config = (serving or {}).get("config")
     lines += (gpu8b_quant_lines(quant, config) + _plot_line(quant_plot(quant, gpu)) if quant else
               ["", "### Quantized serving at 8B", "", "Not measured yet (`benchmarks/gpu_8b_quant.py`)."])
@@ -503,13 +518,7 @@ def gpu8b_serving_lines(run: dict, gpu: Path) -> list[str]:
               "per stream; `offline` is vLLM's `LLM` given N prompts at once, the same number of rounds (no client, "
               "no server: the ceiling for a front end). Every arm has our server's engine options: "
               f"`{json.dumps(options)}`."), "",
-             *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "errors"],
-                      "lrrrrrrr")]
-    for arm, levels in by_arm.items():
-        for c, lv in sorted(levels.items()):
-            lines.append(f"| {arm} | {c} | {lv['tokens_per_s']:,.0f} | {_ms(lv.get('ttft_p50_ms'))} | "
-                         f"{_ms(lv.get('ttft_p99_ms'))} | {_ms(lv.get('itl_p50_ms'), '.2f')} | "
-                         f"{_ms(lv.get('itl_p99_ms'), '.2f')} | {lv.get('errors', 0)} |")
+             *_level_table(by_arm, ["tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "errors"])]
     lines += _unfinished(run["arms"], "arm")
     for mine, other, key, what in (
             ("ours", "offline", "tokens_per_s", "tok/s"), ("ours-ids", "offline", "tokens_per_s", "tok/s"),
@@ -539,15 +548,10 @@ def first_run_lines(run: dict | None) -> list[str]:
     evidence for the scheduler fix below)."""
     if not run:
         return []
-    rows = [(arm, c, lv) for arm, levels in _arm_levels(run).items() for c, lv in sorted(levels.items())]
-    lines = ["", (f"The first run of {run['date']} ({' / '.join(f'{v} at {k}' for k, v in run['per_client'].items())} "
-                  "requests per stream, our metrics endpoint failing under vLLM 0.26 then), "
-                  "`benchmarks/gpu/gpu8b_serving_first.json`:"), "",
-             *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "TTFT p99 ms"], "lrrrr")]
-    for arm, c, lv in rows:
-        lines.append(f"| {arm} | {c} | {lv['tokens_per_s']:,.0f} | {_ms(lv.get('ttft_p50_ms'))} | "
-                     f"{_ms(lv.get('ttft_p99_ms'))} |")
-    return lines
+    return ["", (f"The first run of {run['date']} ({' / '.join(f'{v} at {k}' for k, v in run['per_client'].items())} "
+                 "requests per stream, our metrics endpoint failing under vLLM 0.26 then), "
+                 "`benchmarks/gpu/gpu8b_serving_first.json`:"), "",
+            *_level_table(_arm_levels(run), ["tok/s", "TTFT p50 ms", "TTFT p99 ms"])]
 
 
 def ttft_135m_lines(run: dict | None) -> list[str]:
@@ -555,25 +559,20 @@ def ttft_135m_lines(run: dict | None) -> list[str]:
     if not run:
         return []
     by_arm = _arm_levels(run)
-    rows = [(arm, c, lv) for arm, levels in by_arm.items() for c, lv in sorted(levels.items())]
     lines = ["", "### The TTFT fix on the 135M model", "",
              (f"Why our TTFT p50 at 256 streams was 3.4x vLLM's OpenAI server on the default model (933 against "
               "273 ms, the first GPU run's table above): our engine was built with vLLM's engine-only defaults "
               "(`AsyncLLM.from_engine_args` without a usage context: 128 running sequences and 2,048 batched tokens "
               "a step on every GPU), where vLLM's own servers get the API server's (1,024 and 8,192 on an H200), so "
               "half of 256 streams waited a whole generation for a slot; `ours-engine-context` in the first run "
-              "above reproduces it at 8B. The server now starts its engine as an API server (`server/engine.py` vllm_usage_context). "
+              "above reproduces it at 8B. The server now starts its engine as an API server (`server/engine.py` "
+              "vllm_usage_context). "
               "Also found: the benchmark's OpenAI client used aiohttp's default pool of 100 connections, so the "
               "earlier \"256 streams\" of vLLM's OpenAI server were 100 in flight; it has no limit now. Measured "
               f"{run['date']} on the {run['gpu']}, the default model's architecture on dummy weights, bf16, "
               f"{run['tokens']} greedy tokens, {' / '.join(f'{v} at {k}' for k, v in run['per_client'].items() if int(k) in run['levels'])} "
               "requests per stream:"), "",
-             *_header(["arm", "streams", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
-                      "lrrrrrr")]
-    for arm, c, lv in rows:
-        lines.append(f"| {arm} | {c} | {lv['tokens_per_s']:,.0f} | {_ms(lv.get('ttft_p50_ms'))} | "
-                     f"{_ms(lv.get('ttft_p99_ms'))} | {_ms(lv.get('itl_p50_ms'), '.2f')} | "
-                     f"{_ms(lv.get('itl_p99_ms'), '.2f')} |")
+             *_level_table(by_arm, ["tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"])]
     ours, theirs = by_arm.get("ours", {}), by_arm.get("vllm-openai", {})
     common = sorted(set(ours) & set(theirs))
     if common:
@@ -586,20 +585,20 @@ def ttft_135m_lines(run: dict | None) -> list[str]:
 def gpu8b_frontend_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
     """At the top level, the front-end process's share: text against token ids, servicer against client TTFT."""
     top = max((c for levels in by_arm.values() for c in levels), default=None)
-    text, ids, offline = (by_arm.get(a, {}).get(top) for a in ("ours", "ours-ids", "offline"))
-    if not (text and ids and offline and text.get("server_side") and ids.get("server_side")):
+    text, ids, offline, openai = (by_arm.get(a, {}).get(top) for a in ("ours", "ours-ids", "offline", "vllm-openai"))
+    served = ((text or {}).get("server_side") or {}).get("servicer_ttft", {}).get("mean_ms")
+    if not (text and ids and offline and served is not None):
         return []
-    served = {k: lv["server_side"].get("servicer_ttft", {}).get("mean_ms") for k, lv in (("text", text), ("ids", ids))}
-    if None in served.values():
-        return []
+    theirs = (f" vLLM's OpenAI server, which detokenizes in its one API process too, reaches "
+              f"{openai['tokens_per_s'] / offline['tokens_per_s']:.2f}x." if openai else "")
     return ["", (f"Where {top} streams lose against the offline engine: in the front-end process, which holds vLLM's "
                  "output processor (detokenizing) and the gRPC server on one Python event loop. With text, our "
                  f"server reaches {text['tokens_per_s'] / offline['tokens_per_s']:.2f}x of offline; asked for token "
                  f"ids only, {ids['tokens_per_s'] / offline['tokens_per_s']:.2f}x. The first token reaches the "
-                 f"servicer {served['text']:.0f} ms after the request (mean) and the client {text['ttft_p50_ms']:.0f} "
-                 "ms (p50) with text; the difference is messages waiting for the loop. vLLM's OpenAI server, which "
-                 "detokenizes in its one API process too, loses more. Not tried yet: several front-end processes on "
-                 "one engine core (vLLM's `--api-server-count` design) or a detokenizer off the loop.")]
+                 f"servicer {served:.0f} ms after the request (mean) and the client {text['ttft_p50_ms']:.0f} ms (p50) "
+                 f"with text; the difference is messages waiting for the loop.{theirs} Not tried yet: several "
+                 "front-end processes on one engine core (vLLM's `--api-server-count` design) or a detokenizer off "
+                 "the loop.")]
 
 
 def gpu8b_goal_lines(by_arm: dict[str, dict[int, dict]]) -> list[str]:
@@ -681,11 +680,12 @@ def gpu8b_plot(by_arm: dict[str, dict[int, dict]], out_dir: Path, title: str) ->
     return "gpu8b_serving.png"
 
 
-def gpu8b_lora_lines(run: dict) -> list[str]:
+def gpu8b_lora_lines(run: dict, intro: str | None = None) -> list[str]:
+    """The section, or with `intro` that line and the table alone (an earlier run under the section)."""
     configs = {c["config"]: c for c in run["configs"] if c.get("base")}
     off = {lv["concurrency"]: lv["tokens_per_s"] for lv in configs.get("off", {}).get("base", [])}
     batches = sorted({lv["concurrency"] for c in configs.values() for lv in c["base"]})
-    lines = ["", "### What the A/B arms cost base traffic at 8B", "",
+    lines = ["", intro] if intro else ["", "### What the A/B arms cost base traffic at 8B", "",
              (f"vLLM's offline `LLM` (`benchmarks/gpu_8b_lora.py`), {run['tokens']} greedy tokens per request, "
               f"{run['rounds']} batches per figure. `base` rows: requests without an adapter; `mixed` rows: "
               f"{100 * run['mix']:.0f}% of each batch on the removal arm (a rank-3 adapter removing the declared "
@@ -698,8 +698,9 @@ def gpu8b_lora_lines(run: dict) -> list[str]:
                    "timed inside its first mixed figure)."
                  if any("mixed_warmup_seconds" in c for c in configs.values())
                  else "; no mixed warm-up in this run: the adapter's first load and the LoRA kernels' first "
-                      "compile are inside the first mixed figure.")), "",
-             *_header(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off"], "ll" + "r" * len(batches))]
+                      "compile are inside the first mixed figure."))]
+    lines += ["", *_header(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off"],
+                           "ll" + "r" * len(batches))]
     for name, label in LORA_LABELS.items():
         entry = configs.get(name)
         if not entry:
