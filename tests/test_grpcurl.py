@@ -1,4 +1,4 @@
-"""The README's grpcurl lines ("Clients in other languages"), run as written against the real server with auth on,
+"""The grpcurl lines of clients/README.md (section "grpcurl"), run as written against the real server with auth on,
 through reflection."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ README_TARGET = "127.0.0.1:50051"
 
 
 def readme_grpcurl_lines() -> list[str]:
-    """The grpcurl commands in the README's code blocks of that section, continuation lines joined."""
-    section = (ROOT / "README.md").read_text().split("## Clients in other languages", 1)[1].split("\n## ", 1)[0]
+    """The grpcurl commands in the code blocks of clients/README.md's section "grpcurl", continuation lines joined."""
+    section = (ROOT / "clients" / "README.md").read_text().split("\n## grpcurl\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     commands = "\n".join(blocks).replace("\\\n", " ").splitlines()
     return [c for c in commands if c.startswith("grpcurl ")]
