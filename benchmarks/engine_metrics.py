@@ -1,8 +1,8 @@
 """Server-side figures for one load level, read from Prometheus text: what the engine saw, next to what the client saw.
 
 A level is bracketed by two scrapes; the difference of a histogram's _sum and _count between them is that level's
-exact mean. A sampler thread polls the gauges meanwhile (requests running and
-waiting in the engine, RPCs queued in our admission) and keeps their peaks. Sources: a server's /metrics URL, or
+exact mean. A sampler thread polls the gauges meanwhile (requests running and waiting in the engine, RPCs queued in
+our admission) and keeps their peaks. Sources: a server's /metrics URL, or
 prometheus_client's in-process registry (vLLM's offline LLM registers its metrics there).
 """
 
@@ -28,6 +28,7 @@ HISTOGRAMS = {
 }
 GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
           "admission_queued": "superweights_requests_queued"}
+POLL_INTERVAL_S = 0.5  # how often the gauges are read during a level
 
 
 def parse(text: str) -> Samples:
@@ -75,7 +76,7 @@ def histogram_delta(before: Samples, after: Samples, name: str, labels: dict[str
 class LevelProbe:
     """Brackets one load level: `with LevelProbe(read) as probe: ...`, then `probe.summary()`."""
 
-    def __init__(self, read: Callable[[], Samples], interval: float = 0.5):
+    def __init__(self, read: Callable[[], Samples], interval: float = POLL_INTERVAL_S):
         self.read, self.interval = read, interval
         self.peaks = {key: 0.0 for key in GAUGES}
         self._stop = threading.Event()

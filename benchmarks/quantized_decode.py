@@ -1,8 +1,14 @@
-"""Quantized serving at 8B (issue 13, item 4): w8a8, fp8-dynamic and w4a16 artifacts of the 8B-shaped model with
-the declared super weights protected, decode tok/s at 1 and 32 streams against bf16.
+"""Decode speed of quantized artifacts with the super weights protected, side by side with plain vLLM: w4a16,
+fp8-dynamic and w8a8 checkpoints of the 8B-shaped model, decode tok/s at 1 and 32 streams against bf16, the super
+weights as the engine computes with them, and a torch-profiler table of decode steps.
 
-    python -m benchmarks.gpu_8b_quant run --art ~/art8b --out $OUT                # device: make, then measure
-    python -m benchmarks.gpu_8b_quant run --art ~/art8b --out $OUT --config-only  # no weights written
+    bash benchmarks/on_gpu.sh quantized_decode bf16 w4a16 fp8-dynamic w8a8 --art ~/art8b   # device: make, measure
+    bash benchmarks/on_gpu.sh quantized_decode --config-only --repeat 2 --profile plain-w4a16 w4a16 \
+        bf16-nolora bf16 plain-w4a16 w4a16 w4a16-nolora                                   # side by side, no weights
+
+Models: `bf16` and `bf16-nolora`; per scheme S, `S` (ours: the superweights plugin, protected columns, LoRA on
+down_proj as our server serves), `S-nolora` (ours, LoRA off) and `plain-S` (vLLM's compressed-tensors alone: no
+plugin, no protection, no LoRA: what a user would run instead).
 
 Make (a child process, so its GPU memory is gone before an engine starts): the model is random-initialized in
 bf16 on the GPU (normal, std 0.02; norms 1), the declared super weights planted at PLANTED (a 50-sigma outlier),
@@ -28,28 +34,17 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.gpu_8b import (
-    Budget,
-    Model,
-    add_model_options,
-    add_run_options,
-    arm_env,
-    device_facts,
-    engine_options,
-    model_args,
-    model_from,
-    model_prompts,
-    offline_level,
-    run_child,
-    run_in_turn,
-    write_child_result,
-)
+from benchmarks.device_call import DeviceCall, child_parser, device_parser, dispatch
+from benchmarks.offline_engine import OfflineEngine
+from benchmarks.served_model import Model, engine_options, model_args
 
 SCHEMES = ("w4a16", "fp8-dynamic", "w8a8")
-MODELS = ("bf16", *SCHEMES)
-STREAMS, ROUNDS, TOKENS = (1, 32), {1: 3, 32: 2}, 128
+MODELS = ("bf16", "bf16-nolora", *SCHEMES, *(f"{s}-nolora" for s in SCHEMES), *(f"plain-{s}" for s in SCHEMES))
+STREAMS, ROUNDS = (1, 32), {1: 3, 32: 2}
+PROFILE_STEPS = 8  # decode steps at batch 1 under the torch profiler
 PLANTED, INIT_STD = 1.0, 0.02
 SHARD_BYTES = 4 * 2**30
+MAKE_RESERVE_S = 120  # of the budget, kept for measuring when the artifacts must be made first
 
 
 def artifact_config(model: Model, scheme_name: str) -> tuple[dict, object, dict[str, list[int]]]:
@@ -65,9 +60,26 @@ def artifact_config(model: Model, scheme_name: str) -> tuple[dict, object, dict[
     return {**config, "quantization_config": quantization_config(scheme, protected)}, scheme, protected
 
 
-def write_config_dir(model: Model, scheme_name: str, out: Path) -> dict:
-    """OUT/config.json and the tokenizer files; returns the config."""
+def variant(name: str) -> tuple[str | None, bool, bool]:
+    """(scheme or None for bf16, ours: through the plugin, LoRA on) of a model name."""
+    plain = name.startswith("plain-")
+    base = name.removeprefix("plain-").removesuffix("-nolora")
+    return (None if base == "bf16" else base), not plain, not plain and not name.endswith("-nolora")
+
+
+def plain_config(config: dict) -> dict:
+    """The same checkpoint for vLLM alone: quantization_config as compressed-tensors' own (quant_method
+    "compressed-tensors", our entry dropped), so no plugin takes part."""
+    from superweights.compression.format import EXTRA_KEY
+
+    quant = {k: v for k, v in config["quantization_config"].items() if k != EXTRA_KEY}
+    return {**config, "quantization_config": {**quant, "quant_method": "compressed-tensors"}}
+
+
+def write_config_dir(model: Model, scheme_name: str, out: Path, plain: bool = False) -> dict:
+    """OUT/config.json and the tokenizer files (plain: vLLM's compressed-tensors alone); returns the config."""
     config, _, _ = artifact_config(model, scheme_name)
+    config = plain_config(config) if plain else config
     out.mkdir(parents=True, exist_ok=True)
     for path in model.path.iterdir():
         if path.is_file() and path.name != "config.json":
@@ -158,109 +170,106 @@ def make_artifacts(model: Model, schemes: list[str], art: Path, device: str = "c
     return made
 
 
-def served_model(model: Model, name: str, art: Path, config_only: bool) -> Model:
-    if name == "bf16":
+def artifact_model(model: Model, name: str, art: Path, config_only: bool) -> Model:
+    """What `name` serves: the model itself (bf16), or a checkpoint of its scheme under ART (plain-S: ART/plain-S,
+    ours with or without LoRA: ART/S)."""
+    scheme, ours, _ = variant(name)
+    if scheme is None:
         return model
-    return Model(art / name, model.declared, model.dtype, "dummy" if config_only else "auto", model.extra)
+    directory = art / (scheme if ours else f"plain-{scheme}")
+    return Model(directory, model.declared, model.dtype, "dummy" if config_only else "auto", model.extra)
 
 
-def measure_model(model: Model, tokens: int = TOKENS, streams: tuple[int, ...] = STREAMS) -> dict:
-    """Decode tok/s at each stream count and the probed super weights, one offline engine."""
-    from vllm import LLM, SamplingParams
-
-    from superweights.compression.vllm_plugin import combine_probe_values
+def measure_model(model: Model, tokens: int, streams: tuple[int, ...] = STREAMS, lora: bool = True,
+                  repeat: int = 1, profile: Path | None = None) -> dict:
+    """Decode tok/s at each stream count (each `repeat` times) and the probed super weights, one offline engine;
+    profile: also a torch-profiler table of PROFILE_STEPS decode steps at batch 1, written there."""
     from superweights.server.engine import PROBE_EXTENSION
 
-    options = {**engine_options(model), "worker_extension_cls": PROBE_EXTENSION}
-    t0 = time.perf_counter()
-    llm = LLM(model=str(model.path), disable_log_stats=False, **options)
-    result = {"engine_options": options, "startup_seconds": time.perf_counter() - t0, "decode": []}
-    report = model.report()
-    entries = [(w.module, w.row, w.col) for w in report.super_weights]
-    result["engine_values"] = combine_probe_values(llm.collective_rpc("probe_super_weights", args=(entries,)))
-    prompt_set = model_prompts(model)
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompt_set[0]}], params, use_tqdm=False)  # warm-up
-    for n in streams:
-        result["decode"].append(offline_level(llm, params, prompt_set, n, ROUNDS.get(n, 2)))
+    options = {**engine_options(model, lora=lora), "worker_extension_cls": PROBE_EXTENSION}
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        options["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(profile.resolve()),
+                                      "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
+    engine = OfflineEngine.start(model, options, tokens, warm_up=1)
+    result = {"engine_options": options, "startup_seconds": engine.startup_seconds,
+              "engine_values": engine.probe(model.report()),
+              "decode": [{**engine.level(n, ROUNDS.get(n, 2)), "run": run} for n in streams
+                         for run in range(1, repeat + 1)]}
+    if profile is not None:
+        result["profile"] = engine.profile(PROFILE_STEPS)
     return result
 
 
 def run(model: Model, args: argparse.Namespace) -> dict:
-    from benchmarks.gpu_env import register_plugin
-
-    log_dir = args.out / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.budget_s)
-    path = args.out / f"gpu8b_quant_{'_'.join(args.models)}.json"
-    results = {**device_facts(), "plugin": register_plugin(), "env": arm_env(), "super_weights": model.declared,
-               "config": json.loads((model.path / "config.json").read_text()),
+    """Make the artifacts that are missing, then measure each model that fits the budget (the device call)."""
+    call = DeviceCall(args.out, f"gpu8b_quant_{'_'.join(args.models)}.json", args.budget_s)
+    results = {**call.facts(model), "config": json.loads((model.path / "config.json").read_text()),
                "weights": "dummy (config only)" if args.config_only else "random-initialized, written",
                "planted": None if args.config_only else PLANTED, "tokens": args.tokens, "rounds": ROUNDS,
-               "models": []}
-    missing = [s for s in args.models if s != "bf16" and not (args.art / s / "config.json").is_file()]
-    results["make"] = {}
+               "models": [], "make": {}}
+    served = {name: artifact_model(model, name, args.art, args.config_only) for name in args.models}
+    missing = sorted({variant(name)[0] for name, m in served.items()
+                      if variant(name)[0] and not (m.path / "config.json").is_file()})
     if missing and args.config_only:
-        for name in missing:
-            write_config_dir(model, name, args.art / name)
+        for name, m in served.items():
+            if variant(name)[0] and not (m.path / "config.json").is_file():
+                write_config_dir(model, variant(name)[0], m.path, plain=not variant(name)[1])
     elif missing:
-        results["make"] = run_child(["make", *missing, "--art", str(args.art), "--device", args.device,
-                                     *model_args(model)],
-                                    timeout=max(budget.left() - 120, 1), module="benchmarks.gpu_8b_quant",
-                                    log=log_dir / "quant-make.log")
+        results["make"] = call.child("benchmarks.quantized_decode", ["make", *missing, "--art", str(args.art),
+                                                                      "--device", args.device, *model_args(model)],
+                                     "quant-make.log", reserve_s=MAKE_RESERVE_S)
 
     def measure(name: str, entry: dict, saved) -> None:
-        served = served_model(model, name, args.art, args.config_only)
-        if not (served.path / "config.json").is_file():
-            entry["error"] = f"no artifact at {served.path}: making it failed ({results['make'].get('error')})"
+        if not (served[name].path / "config.json").is_file():
+            entry["error"] = f"no artifact at {served[name].path}: making it failed ({results['make'].get('error')})"
             return
-        entry.update(run_child(["measure", *model_args(served), "--tokens", str(args.tokens)],
-                               timeout=max(budget.left(), 1), module="benchmarks.gpu_8b_quant",
-                               log=log_dir / f"quant-{name}.log"))
+        _, _, lora = variant(name)
+        profile = ["--profile", str(call.logs / f"profile-{name}")] if name in args.profile else []
+        entry.update(call.child("benchmarks.quantized_decode", [
+            "measure", *model_args(served[name]), "--tokens", str(args.tokens), "--repeat", str(args.repeat),
+            *(() if lora else ("--no-lora",)), *profile], f"quant-{name}.log"))
+        if "profile" in entry:
+            entry["profile"]["model"] = name
 
-    run_in_turn(args.models, "model", results, results["models"], path, budget, measure)
+    call.in_turn(args.models, "model", results, results["models"], measure)
     return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("run", help="make what is missing, then measure each model (the device call)")
-    add_run_options(p)
+    parser, sub, p = device_parser(__doc__, "make what is missing, then measure each model (the device call)")
     # no choices=: argparse checks an empty or default list of nargs="*" against them as one value
     p.add_argument("models", nargs="*", metavar="MODEL", help=f"of {', '.join(MODELS)} (default: all)")
     p.add_argument("--art", type=Path, default=Path.home() / "art8b")
     p.add_argument("--config-only", action="store_true", help="no weights: config.json + dummy load")
     p.add_argument("--device", default="cuda", help="where the artifacts are made (cpu to try it here)")
-    m = sub.add_parser("make", help="(child) write the artifacts of a random-initialized model")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every stream count, each shown (%(default)s)")
+    p.add_argument("--profile", nargs="*", default=[], metavar="MODEL", help="models whose decode steps are "
+                   "profiled too (torch profiler; the table under OUT/logs/profile-MODEL)")
+    m = child_parser(sub, "make", "write the artifacts of a random-initialized model")
     m.add_argument("schemes", nargs="+", choices=SCHEMES)
     m.add_argument("--art", type=Path, required=True)
     m.add_argument("--device", default="cuda")
-    add_model_options(m)
-    m.add_argument("--result", type=Path, required=True)
-    e = sub.add_parser("measure", help="(child) one model's decode speed and probed super weights")
-    add_model_options(e)
-    e.add_argument("--tokens", type=int, default=TOKENS)
+    e = child_parser(sub, "measure", "one model's decode speed and probed super weights")
+    e.add_argument("--tokens", type=int, required=True)
     e.add_argument("--streams", nargs="+", type=int, default=list(STREAMS))
-    e.add_argument("--result", type=Path, required=True)
+    e.add_argument("--repeat", type=int, default=1)
+    e.add_argument("--no-lora", dest="lora", action="store_false")
+    e.add_argument("--profile", type=Path)
     args = parser.parse_args(argv)
     if args.what == "run":
-        args.models = args.models or list(MODELS)
-        if unknown := sorted(set(args.models) - set(MODELS)):
-            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(MODELS)}")
+        args.models = args.models or ["bf16", *SCHEMES]
+        if unknown := sorted(set(args.models + args.profile) - set(MODELS)):
+            parser.error(f"unknown model {', '.join(unknown)}: choose from {', '.join(['bf16', *SCHEMES])}, each also "
+                         f"as NAME-nolora (ours, LoRA off), a scheme as plain-NAME (vLLM alone)")
     return args
 
 
 def main() -> None:
-    args = parse_args()
-    model = model_from(args)
-    if args.what == "run":
-        run(model, args)
-        return
-    if args.what == "make":
-        write_child_result(args.result, lambda: {"made": make_artifacts(model, args.schemes, args.art, args.device)})
-    else:
-        write_child_result(args.result, lambda: measure_model(model, args.tokens, tuple(args.streams)))
+    dispatch(parse_args(), run, {
+        "make": lambda model, args: {"made": make_artifacts(model, args.schemes, args.art, args.device)},
+        "measure": lambda model, args: measure_model(model, args.tokens, tuple(args.streams), args.lora, args.repeat,
+                                                     args.profile)})
 
 
 if __name__ == "__main__":

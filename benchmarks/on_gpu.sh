@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call of issue 13's benchmarks, on a machine where vLLM's pack is unpacked in ~/gpu:
-#   bash benchmarks/gpu_8b.sh gpu_8b [ARGS...]        -> python -m benchmarks.gpu_8b run --out $OUT ARGS...
-# (gpu_8b_lora, gpu_8b_quant, gpu_8b_tp the same way). Installs the carried wheels (.whl/: grpcio 1.85,
-# smg-grpc-servicer, ...) into ~/gpu/whl once, puts them first on PYTHONPATH, the checkout last.
+# One device call of a benchmark script, on a GPU machine where vLLM's pack is unpacked in ~/gpu:
+#   bash benchmarks/on_gpu.sh SCRIPT [ARGS...]   -> python3 -m benchmarks.SCRIPT run --out $OUT ARGS...
+# e.g. serving_side_by_side, lora_cost, quantized_decode, tensor_parallel, real_model_end_to_end. Installs the
+# carried wheels (.whl/: grpcio 1.85, smg-grpc-servicer, ...) into ~/gpu/whl once, puts them first on PYTHONPATH,
+# the checkout last.
 set -euo pipefail
 script=$1; shift
 if [ ! -f ~/gpu/env.sh ]; then echo "bare machine: ~/gpu/env.sh is missing, carry and unpack vLLM's pack first" >&2; exit 3; fi
