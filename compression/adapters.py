@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .detect import SuperWeight, SuperWeightReport
-from .format import BASE, REMOVED, REMOVED_ONE  # noqa: F401  (their old home: importers of compression.adapters)
 from .fsutil import replacing_dir
+from .report import SuperWeight, SuperWeightReport
 
 # vLLM accepts only these max_lora_rank values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -30,9 +29,7 @@ def adapter_tensors(report: SuperWeightReport, alpha: float, zero: bool = False,
         weights: the super weights to act on (default: all of the report's); the others are left as they are.
     """
     weights = report.super_weights if weights is None else weights
-    hidden, intermediate = report.facts.hidden_size, report.facts.intermediate_size
-    if not intermediate:
-        raise ValueError("the report lacks intermediate_size: detect again to get the down-projection shape")
+    hidden, intermediate = report.model.hidden_size, report.model.intermediate_size
     by_layer: dict[str, dict[int, list[SuperWeight]]] = defaultdict(lambda: defaultdict(list))
     for w in report.super_weights:  # every layer of the report, so all variants have the same modules
         by_layer[w.module][w.row].extend([w] if w in weights else [])
@@ -78,7 +75,7 @@ def write_adapter(report: SuperWeightReport, out_dir: Path, alpha: float, zero: 
                         task_type="CAUSAL_LM", base_model_name_or_path=base_model, inference_mode=True).to_dict()
     config["target_modules"] = leaf_names  # a set in LoraConfig; sorted, so the file is reproducible
     # ours: vLLM's PEFTHelper reads only the fields it knows; PEFT warns that it ignores this one
-    config["superweights"] = {"alpha": alpha, "zero": zero, "model_sha256": report.facts.sha256}
+    config["superweights"] = {"alpha": alpha, "zero": zero, "model_sha256": report.model.sha256}
     with replacing_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from .adapters import write_adapter
-from .detect import SuperWeightReport
 from .errors import UserError
 from .format import (
     ADAPTERS,
@@ -45,6 +44,7 @@ from .format import (
 from .fsutil import replacing_dir
 from .models import Checkpoint, load_model, offline_placement, sha256_file
 from .quantize import group_thresholds, held_out_channels, quantized_linears
+from .report import SuperWeightReport
 from .schemes import Scheme, fit_to_model, get_scheme
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,24 @@ class Artifact:
     report: SuperWeightReport
     manifest: dict
     evaluation: dict
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        source = self.manifest["source"]
+        return Checkpoint(path=self.path, name=f"{source['name']} {self.scheme.label}", source=str(self.path),
+                          sha256=sha256_file(self.path / "manifest.json"))
+
+    @property
+    def served_report(self) -> SuperWeightReport:
+        """The source report with its evaluation replaced by the artifact's own: what the server self-checks."""
+        e = self.evaluation
+        removed_ratio = e["removed_perplexity"] / e["perplexity"] if self.report.super_weights else None
+        evaluation = dataclasses.replace(self.report.evaluation, baseline_perplexity=e["perplexity"],
+                                         removed_perplexity=e["removed_perplexity"], removed_ratio=removed_ratio,
+                                         tokens=e["tokens"], window=e["window"])
+        model = dataclasses.replace(self.report.model, artifact=str(self.path), scheme=self.scheme.label,
+                                    protected=self.scheme.weights.protect)
+        return dataclasses.replace(self.report, evaluation=evaluation, model=model)
 
 
 def is_artifact(path: str | Path | None) -> bool:
@@ -224,7 +242,11 @@ def open_artifact(root: str | Path) -> Artifact:
     scheme = base.variant(protect=weights["protect"], clip=weights["clip"], clip_value=weights["clip_value"])
     scheme = dataclasses.replace(scheme, weights=dataclasses.replace(scheme.weights, group_size=weights["group_size"],
                                                                      block_size=weights["block_size"]))
-    report = SuperWeightReport.load(root / "report.json")
+    try:
+        report = SuperWeightReport.load(root / "report.json")
+    except ValueError as e:
+        raise ArtifactError(f"cannot read {root / 'report.json'}: {e}; recreate the artifact with `superweights "
+                            f"compress`") from e
     evaluation = json.loads((root / "evaluation.json").read_text())
     return Artifact(path=root, scheme=scheme, report=report, manifest=manifest, evaluation=evaluation)
 
@@ -236,23 +258,6 @@ def artifact_adapters(artifact: Artifact) -> dict[str, Path]:
     files = ("adapter_config.json", "adapter_model.safetensors")
     return {spec.name: artifact.path / ADAPTERS / spec.name for spec in variant_specs(artifact.report)
             if all(f"{ADAPTERS}/{spec.name}/{f}" in listed for f in files)}
-
-
-def artifact_checkpoint(artifact: Artifact) -> Checkpoint:
-    source = artifact.manifest["source"]
-    return Checkpoint(path=artifact.path, name=f"{source['name']} {artifact.scheme.label}", source=str(artifact.path),
-                      sha256=sha256_file(artifact.path / "manifest.json"))
-
-
-def served_report(artifact: Artifact) -> SuperWeightReport:
-    """The source report with its evaluation replaced by the artifact's own: what the server self-checks."""
-    e = artifact.evaluation
-    removed_ratio = e["removed_perplexity"] / e["perplexity"] if artifact.report.super_weights else None
-    eval_ = dict(artifact.report.eval, baseline_perplexity=e["perplexity"], removed_perplexity=e["removed_perplexity"],
-                 removed_ratio=removed_ratio, tokens=e["tokens"], window=e["window"])
-    model = dict(artifact.report.model, artifact=str(artifact.path), scheme=artifact.scheme.label,
-                 protected=artifact.scheme.weights.protect)
-    return dataclasses.replace(artifact.report, eval=eval_, model=model)
 
 
 @torch.no_grad()

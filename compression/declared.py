@@ -10,12 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
-from .architectures import find_down_projections, hidden_size
-from .detect import REPORT_SCHEMA, SuperWeight, SuperWeightReport
+from .architectures import DownProjection, find_down_projections
 from .models import Checkpoint, ModelSourceError
 from .published import Coordinate, check_fits
+from .report import DeclaredSettings, EvalFacts, ModelFacts, SuperWeight, SuperWeightReport
 
 UNKNOWN = math.nan  # a value the checkpoint does not hold (dummy weights): the engine's probe fills it in
 
@@ -30,19 +31,18 @@ def config_only_checkpoint(path: Path) -> Checkpoint:
                       sha256=hashlib.sha256(config.read_bytes()).hexdigest())
 
 
-def _structure(path: Path):
+def _structure(checkpoint: Checkpoint) -> tuple[dict[int, DownProjection], ModelFacts]:
     """(down projections by layer, model facts) from the config alone: the model is built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    from .detect import model_facts
+
+    config = AutoConfig.from_pretrained(checkpoint.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    projections = {p.layer: p for p in find_down_projections(model)}
-    first = next(iter(projections.values()))
-    facts = {"architecture": type(model).__name__, "num_layers": len(projections), "hidden_size": hidden_size(model),
-             "intermediate_size": first.weight_matrix().shape[1], "model_type": getattr(config, "model_type", None)}
-    return projections, facts
+    projections = find_down_projections(model)
+    return {p.layer: p for p in projections}, replace(model_facts(model, projections, checkpoint), declared=True)
 
 
 def _stored_values(path: Path, weights: list[SuperWeight], transposed: dict[str, bool]) -> list[float]:
@@ -69,21 +69,13 @@ def _stored_values(path: Path, weights: list[SuperWeight], transposed: dict[str,
 
 def declared_report(checkpoint: Checkpoint, coordinates: list[Coordinate]) -> SuperWeightReport:
     """A report that holds the declared super weights, unverified, with the values stored in the checkpoint."""
-    projections, facts = _structure(checkpoint.path)
-    check_fits(coordinates, facts["num_layers"], facts["hidden_size"], facts["intermediate_size"])
+    projections, facts = _structure(checkpoint)
+    check_fits(coordinates, facts.num_layers, facts.hidden_size, facts.intermediate_size)
     weights = [SuperWeight(layer=c.layer, module=projections[c.layer].name, row=c.row, col=c.col, value=UNKNOWN,
                            input_magnitude=0.0, output_magnitude=0.0) for c in coordinates]
     transposed = {p.name: p.transposed for p in projections.values()}
-    for w, value in zip(weights, _stored_values(checkpoint.path, weights, transposed)):
-        w.value = value
-    facts.update(name=checkpoint.name, source=checkpoint.source, sha256=checkpoint.sha256, declared=True)
-    return SuperWeightReport(
+    report = SuperWeightReport(
         model=facts, prompt="", created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        eval={"text": "", "sha256": "", "tokens": 0, "window": 512, "baseline_perplexity": None,
-              "removed_perplexity": None, "control_perplexity": None, "control_weights": 0},
-        super_weights=weights, rejected_candidates=[], super_activations=[], layer_stats=[],
-        settings={"declared": [str(c) for c in coordinates]}, schema=REPORT_SCHEMA)
-
-
-def is_declared(report: SuperWeightReport) -> bool:
-    return report.facts.declared
+        evaluation=EvalFacts.unmeasured(), super_weights=weights, rejected_candidates=[], super_activations=[],
+        layer_stats=[], settings=DeclaredSettings([str(c) for c in coordinates]))
+    return report.with_values(_stored_values(checkpoint.path, weights, transposed))

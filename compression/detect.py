@@ -21,243 +21,40 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .ablation import AblationScorer, decoder_blocks, forward_hooks, removals
 from .architectures import DownProjection, find_down_projections, hidden_size
-from .errors import UserError
 from .evaluation import EvalText, eval_windows
+from .models import Checkpoint
+from .report import (
+    DetectionSettings,
+    EvalFacts,
+    Feeder,
+    LayerStats,
+    ModelFacts,
+    PublishedAgreement,
+    PublishedCoordinate,
+    SuperActivation,
+    SuperWeight,
+    SuperWeightReport,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
-REPORT_SCHEMA = "superweights.report/v1"
 # A screen verdict stands when its margin exceeds this many standard errors of the per-token log-ratio...
 SCREEN_STANDARD_ERRORS = 4.0
 # ...and this fraction of log(min_effect): the screen is one passage, so a near call is remeasured on all tokens.
 SCREEN_MARGIN = 0.25
 PERSIST = 0.25  # a super activation persists through the layers where it keeps this fraction of its peak
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Per down-projection activation extremes on the detection prompt."""
-
-    layer: int
-    module: str  # module name, e.g. "model.layers.3.mlp.down_proj"
-    max_abs_input: float
-    input_channel: int
-    max_abs_output: float
-    output_channel: int
-    token_position: int
-    median_abs_output: float
-
-    @property
-    def spike(self) -> float:
-        """How far the largest output stands above the layer's typical output."""
-        return self.max_abs_output / max(self.median_abs_output, 1e-12)
-
-
-@dataclass
-class SuperWeight:
-    layer: int
-    module: str  # module name, e.g. "model.layers.3.mlp.down_proj"
-    row: int  # output channel = residual-stream channel of the super activation
-    col: int  # input channel of the down-projection
-    value: float
-    input_magnitude: float  # |x[t, col]| on the prompt when it was found
-    output_magnitude: float  # |y[t, row]| on the prompt when it was found
-    perplexity_removed: float | None = None  # eval perplexity with only this weight zeroed
-    perplexity_ratio: float | None = None  # perplexity_removed / baseline, on the same tokens
-    conditional_ratio: float | None = None  # ppl(this + super weights confirmed before it removed) / ppl(those removed)
-    tokens: int | None = None  # scored tokens behind the three numbers above: the screen's, or all eval tokens
-
-    @property
-    def parameter(self) -> str:
-        """Its parameter's name, e.g. "model.layers.3.mlp.down_proj.weight"."""
-        return f"{self.module}.weight"
-
-
-@dataclass(frozen=True)
-class Feeder:
-    """A candidate in a super activation's row, at or before the layer where the activation appears."""
-
-    layer: int
-    module: str
-    row: int
-    col: int
-    value: float
-    confirmed: bool  # a confirmed super weight
-    perplexity_ratio: float | None  # eval perplexity x with only this weight zeroed
-    value_removed: float  # the activation (same layer, token, channel) with only this weight zeroed
-
-
-@dataclass(frozen=True)
-class SuperActivation:
-    """A massive activation in the residual stream on the detection prompt."""
-
-    layer: int  # first block whose output carries it
-    channel: int
-    value: float  # at that block's output
-    token_position: int
-    token: str
-    last_layer: int | None = None  # last block output it persists through (None: a report from before)
-    feeders: list[Feeder] = field(default_factory=list)
-    value_removed: float | None = None  # the activation with every feeder zeroed together
-    perplexity_ratio_removed: float | None = None  # eval perplexity x with every feeder zeroed (screen tokens)
-    carried_by_super_weight: bool = False  # a feeder is a confirmed super weight; else no single weight carries it
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SuperActivation:
-        return cls(**dict(d, feeders=[Feeder(**f) for f in d.get("feeders", [])]))
-
-
-def _activations(entries: list[dict]) -> list[SuperActivation]:
-    """Reports from before listed one entry per layer an activation persisted through: merged here, per channel."""
-    if all("last_layer" in a for a in entries):
-        return [SuperActivation.from_dict(a) for a in entries]
-    merged: dict[int, dict] = {}
-    for a in sorted(entries, key=lambda a: a["layer"]):
-        first = merged.setdefault(a["channel"], dict(a))
-        first["last_layer"] = a["layer"]
-    return [SuperActivation.from_dict(a) for a in merged.values()]
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a report says about its model (report.model, typed; the JSON keeps the dict)."""
-
-    name: str
-    architecture: str
-    hidden_size: int
-    intermediate_size: int | None
-    sha256: str
-    declared: bool  # super weights declared (--super-weights), not detected
-    protected: bool  # False: an artifact made with --no-protect
-
-    @classmethod
-    def of(cls, m: dict) -> ModelFacts:
-        return cls(name=m.get("name") or m.get("architecture", ""), architecture=m.get("architecture", ""),
-                   hidden_size=m["hidden_size"], intermediate_size=m.get("intermediate_size"),
-                   sha256=m.get("sha256", ""), declared=bool(m.get("declared")), protected=m.get("protected", True))
-
-
-@dataclass(frozen=True)
-class EvalFacts:
-    """What a report measured on its evaluation text (report.eval, typed); perplexity ratios are over the intact
-    model's on the same tokens."""
-
-    text: str
-    tokens: int
-    window: int
-    bos: bool  # every window starts with BOS
-    baseline_perplexity: float | None
-    removed_ratio: float | None  # every super weight removed
-    control_ratio: float | None  # as many of the largest other down-projection weights removed
-    dtype: str  # the offline dtype the numbers were computed in
-
-    @classmethod
-    def of(cls, e: dict) -> EvalFacts:
-        base = e.get("baseline_perplexity")
-
-        def ratio(name: str) -> float | None:  # reports from before stored only perplexities, on the same tokens
-            if f"{name}_ratio" in e:
-                return e[f"{name}_ratio"]
-            return e[f"{name}_perplexity"] / base if e.get(f"{name}_perplexity") and base else None
-
-        return cls(text=e.get("text", ""), tokens=e.get("tokens", 0), window=e.get("window", 512),
-                   bos=bool(e.get("bos")), baseline_perplexity=base, removed_ratio=ratio("removed"),
-                   control_ratio=ratio("control"), dtype=e.get("dtype", "float32"))
-
-
-@dataclass
-class SuperWeightReport:
-    model: dict
-    prompt: str
-    created_at: str
-    eval: dict
-    super_weights: list[SuperWeight]
-    rejected_candidates: list[SuperWeight]
-    super_activations: list[SuperActivation]
-    layer_stats: list[LayerStats]
-    settings: dict
-    schema: str = REPORT_SCHEMA
-    published: dict | None = None  # agreement with the directory of published super weights (published_agreement)
-    timings: dict = field(default_factory=dict)  # seconds per detection phase
-
-    @property
-    def facts(self) -> ModelFacts:
-        return ModelFacts.of(self.model)
-
-    @property
-    def evaluation(self) -> EvalFacts:
-        return EvalFacts.of(self.eval)
-
-    @property
-    def min_effect(self) -> float:
-        return self.settings.get("min_effect", DetectionSettings.min_effect)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SuperWeightReport:
-        if d.get("schema") != REPORT_SCHEMA:
-            raise ValueError(f"not a {REPORT_SCHEMA} report (schema={d.get('schema')!r})")
-        return cls(
-            model=d["model"], prompt=d["prompt"], created_at=d["created_at"], eval=d["eval"],
-            super_weights=[SuperWeight(**_module_named(w)) for w in d["super_weights"]],
-            rejected_candidates=[SuperWeight(**_module_named(w)) for w in d["rejected_candidates"]],
-            super_activations=_activations(d["super_activations"]),
-            layer_stats=[LayerStats(**_module_named(s)) for s in d["layer_stats"]], settings=d["settings"],
-            published=d.get("published"), timings=d.get("timings", {}))
-
-    @classmethod
-    def load(cls, path: Path) -> SuperWeightReport:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def _module_named(entry: dict) -> dict:
-    """Reports cached before module names were used held parameter names ("...down_proj.weight")."""
-    return dict(entry, module=entry["module"].removesuffix(".weight"))
-
-
-@dataclass(frozen=True)
-class DetectionSettings:
-    """Knobs of detection and verification; the defaults suit models from 100M to 70B parameters."""
-
-    spike_ratio: float = 100.0  # a layer spikes when its max |output| is this many times its median |output|
-    max_candidates: int = 8
-    # stop once the largest spike left is below this fraction of the first one: a super weight's partner is of the
-    # same order (SmolLM2's second: 27% of the first), the noise left after removal is not (7% and below there)
-    min_spike_fraction: float = 0.1
-    min_effect: float = 2.0  # confirmed when removal multiplies eval perplexity by at least this much
-    eval_tokens: int = 1024  # tokens of the evaluation text: the baseline, and removals the screen cannot settle
-    window: int = 512
-    screen_tokens: int = 128  # every removal is measured first on this many tokens (the start of the first window)
-    control_weights: int = 50  # the paper's control: this many of the largest other down-projection weights removed
-
-    def __post_init__(self) -> None:
-        if self.spike_ratio <= 1 or self.min_effect <= 1:
-            raise UserError("spike_ratio and min_effect must be > 1")
-        if not 0 <= self.min_spike_fraction < 1:
-            raise UserError("min_spike_fraction must be in [0, 1)")
-        if self.max_candidates < 1 or self.eval_tokens < 16 or self.window < 2:
-            raise UserError("max_candidates >= 1, eval_tokens >= 16 and window >= 2 are required")
-        if self.screen_tokens < 16 or self.control_weights < 1:
-            raise UserError("screen_tokens >= 16 and control_weights >= 1 are required")
 
 
 @torch.inference_mode()
@@ -403,21 +200,24 @@ class Verification:
         self.screen = self.full.head  # the first screen_tokens tokens, its baseline from the pass above
         self.escalated = 0  # verdicts measured on all tokens
 
-    def verify(self, candidates: list[SuperWeight]) -> list[SuperWeight]:
-        """Fill in each candidate's perplexity numbers; return the confirmed ones, in order."""
+    def verify(self, candidates: list[SuperWeight]) -> tuple[list[SuperWeight], list[SuperWeight]]:
+        """Each candidate with its perplexity numbers, and the confirmed ones among them; both in order."""
         self.screen.losses([[w] for w in candidates])  # every candidate alone, batched
+        measured: list[SuperWeight] = []
         confirmed: list[SuperWeight] = []
         for w in candidates:
-            verdict = self._judge(self.screen, w, confirmed, final=False)
+            verdict, w = self._judge(self.screen, w, confirmed, final=False)
             if verdict is None:
                 self.escalated += 1
-                verdict = self._judge(self.full, w, confirmed, final=True)
+                verdict, w = self._judge(self.full, w, confirmed, final=True)
+            measured.append(w)
             if verdict:
                 confirmed.append(w)
-        return confirmed
+        return measured, confirmed
 
     def _judge(self, scorer: AblationScorer, w: SuperWeight, confirmed: list[SuperWeight],
-               final: bool) -> bool | None:
+               final: bool) -> tuple[bool | None, SuperWeight]:
+        """The verdict on w (None: the screen cannot tell) and w with the numbers behind it."""
         threshold = math.log(self.settings.min_effect)
         margin = SCREEN_MARGIN * threshold
         removed = scorer.losses([[w]])[0]
@@ -430,29 +230,32 @@ class Verification:
             verdict_conditional = _both(_at_least(conditional, threshold, margin, final),
                                         _at_least(conditional - 0.5 * damage, 0.0, margin, final))
         verdict = _either(_at_least(alone, threshold, margin, final), verdict_conditional)
-        w.perplexity_removed = _exp_mean(removed)
-        w.perplexity_ratio = _exp_mean(alone)
-        w.conditional_ratio = _exp_mean(conditional)
-        w.tokens = scorer.tokens
-        return verdict
+        return verdict, replace(w, perplexity_removed=_exp_mean(removed), perplexity_ratio=_exp_mean(alone),
+                                conditional_ratio=_exp_mean(conditional), tokens=scorer.tokens)
 
-    def controls(self, projections: list[DownProjection], confirmed: list[SuperWeight]) -> dict:
-        """All super weights removed together, and the two controls, on the screen (one batched forward)."""
+    def eval_facts(self, projections: list[DownProjection], confirmed: list[SuperWeight], eval_text: EvalText,
+              device: torch.device, dtype: torch.dtype) -> EvalFacts:
+        """The baseline, and on the screen (one batched forward) all super weights removed together and the two
+        controls: as many of the largest other down-projection weights, and the control_weights largest."""
         matched = _largest_other_weights(projections, confirmed, len(confirmed)) if confirmed else []
         largest = _largest_other_weights(projections, confirmed, self.settings.control_weights)
-        sets = [s for s in (confirmed, matched, largest) if s]
-        self.screen.losses(sets)
-        screen_base = _exp_mean(self.screen.baseline)
+        self.screen.losses([s for s in (confirmed, matched, largest) if s])
 
-        def entry(name: str, weights: list[SuperWeight]) -> dict:
-            if not weights:
-                return {f"{name}_perplexity": None, f"{name}_ratio": None}
-            ratio = _ratio(self.screen, weights)
-            return {f"{name}_perplexity": _exp_mean(self.screen.losses([weights])[0]), f"{name}_ratio": ratio}
+        def perplexity(weights: list[SuperWeight]) -> float | None:
+            return _exp_mean(self.screen.losses([weights])[0]) if weights else None
 
-        return {"screen_tokens": self.screen.tokens, "screen_baseline_perplexity": screen_base,
-                **entry("removed", confirmed), **entry("control", matched), "control_weights": len(matched),
-                **entry("largest_control", largest), "largest_control_weights": len(largest)}
+        def ratio(weights: list[SuperWeight]) -> float | None:
+            return _ratio(self.screen, weights) if weights else None
+
+        return EvalFacts(
+            text=eval_text.name, sha256=eval_text.sha256, tokens=int(self.ids.numel()), window=self.settings.window,
+            bos=eval_text.bos_id is not None, bos_token_id=eval_text.bos_id,
+            baseline_perplexity=_exp_mean(self.full.baseline), screen_tokens=self.screen.tokens,
+            screen_baseline_perplexity=_exp_mean(self.screen.baseline), removed_perplexity=perplexity(confirmed),
+            removed_ratio=ratio(confirmed), control_perplexity=perplexity(matched), control_ratio=ratio(matched),
+            control_weights=len(matched), largest_control_perplexity=perplexity(largest),
+            largest_control_ratio=ratio(largest), largest_control_weights=len(largest), device=device.type,
+            dtype=str(dtype).removeprefix("torch."))
 
 
 # -- super activations -----------------------------------------------------------------------------------------
@@ -539,14 +342,11 @@ def super_activations(model: nn.Module, projections: list[DownProjection], promp
     return found
 
 
-def published_agreement(config: dict, name: str | None, found: list[SuperWeight], entries=None) -> dict | None:
-    """Where detection agrees with the directory of published super weights, coordinate by coordinate; None when
-    no entry matches the model (compression.published.match).
-
-    Returns:
-        {"entry", "source", "url", "exact", "coordinates": [{"layer", "row", "col", "published", "detected",
-        "note"}]}, "note" naming another source's disagreement where there is one.
-    """
+def published_agreement(config: dict, name: str | None, found: list[SuperWeight],
+                        entries=None) -> PublishedAgreement | None:
+    """Where detection agrees with the directory of published super weights, coordinate by coordinate, each
+    with a note naming another source's disagreement where there is one; None when no entry matches the model
+    (compression.published.match)."""
     from .published import agreement, match
 
     entry = match(config, name, entries)
@@ -554,20 +354,29 @@ def published_agreement(config: dict, name: str | None, found: list[SuperWeight]
         return None
     result = agreement(entry, found)
 
-    def row(c, published: bool, detected: bool) -> dict:
+    def row(c, published: bool, detected: bool) -> PublishedCoordinate:
         dispute = entry.dispute_of(c) or entry.dispute_for_alternative(c)
         note = "" if dispute is None else (f"{dispute.source} gives {dispute.alternative} for the published "
                                            f"{dispute.published}")
-        return {"layer": c.layer, "row": c.row, "col": c.col, "published": published, "detected": detected,
-                "note": note}
+        return PublishedCoordinate(layer=c.layer, row=c.row, col=c.col, published=published, detected=detected,
+                                   note=note)
 
-    return {"entry": entry.id, "source": str(entry.source), "url": entry.source.url, "exact": result.exact,
-            "coordinates": [row(c, True, ok) for c, ok in result.published]
-            + [row(c, False, True) for c in result.unpublished]}
+    return PublishedAgreement(entry=entry.id, source=str(entry.source), url=entry.source.url, exact=result.exact,
+                              coordinates=[row(c, True, ok) for c, ok in result.published]
+                              + [row(c, False, True) for c in result.unpublished])
+
+
+def model_facts(model: nn.Module, projections: list[DownProjection], checkpoint: Checkpoint | None) -> ModelFacts:
+    """A model's facts for its report: its structure, and where it came from (None: a model built in memory)."""
+    return ModelFacts(architecture=type(model).__name__, num_layers=len({p.layer for p in projections}),
+                      hidden_size=hidden_size(model), intermediate_size=projections[0].weight_matrix().shape[1],
+                      model_type=getattr(model.config, "model_type", None),
+                      name=checkpoint.name if checkpoint else "", source=checkpoint.source if checkpoint else "",
+                      sha256=checkpoint.sha256 if checkpoint else "")
 
 
 def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prompt: str = DEFAULT_PROMPT,
-                       settings: DetectionSettings = DetectionSettings(), model_info: dict | None = None,
+                       settings: DetectionSettings = DetectionSettings(), checkpoint: Checkpoint | None = None,
                        progress: bool = True) -> SuperWeightReport:
     """Locate a model's super weights from one prompt and verify each by its effect on perplexity.
 
@@ -577,14 +386,16 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
         eval_text: the text whose perplexity decides which candidates are super weights.
         prompt: the single detection prompt (tokenized with the tokenizer's special tokens, BOS included).
         settings: thresholds; see DetectionSettings.
-        model_info: identity of the model for the report (name, source, sha256, ...).
+        checkpoint: where the model came from, for the report (its name, source and sha256); None: a model built
+            in memory.
         progress: show a progress bar on stderr.
     """
     from tqdm.auto import tqdm
 
     timings: dict = {"memory_mib": {}}
     bar = tqdm(total=5, desc="detecting super weights", disable=not progress, unit="phase")
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
 
     @contextlib.contextmanager
     def phase(name: str) -> Iterator[None]:
@@ -604,9 +415,9 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
     with phase("baseline"):
         verification = Verification(model, projections, eval_text, settings)
     with phase("verify"):
-        confirmed = verification.verify(candidates)
+        candidates, confirmed = verification.verify(candidates)
     with phase("controls"):
-        measured = verification.controls(projections, confirmed)
+        evaluation = verification.eval_facts(projections, confirmed, eval_text, device, parameter.dtype)
     with phase("activations"):
         tokens = [tokenizer.decode([i]) for i in prompt_ids.tolist()]
         activations = super_activations(model, projections, prompt_ids, tokens, stats, candidates, confirmed,
@@ -616,19 +427,11 @@ def find_super_weights(model: nn.Module, tokenizer, eval_text: EvalText, *, prom
     timings["escalated_verdicts"] = verification.escalated
     log.info("detection: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
 
-    config = model.config
-    info = {"architecture": type(model).__name__, "num_layers": len({p.layer for p in projections}),
-            "hidden_size": hidden_size(model), "intermediate_size": projections[0].weight_matrix().shape[1],
-            "model_type": getattr(config, "model_type", None)}
-    info.update(model_info or {})
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else {}
-    bos = eval_text.bos_id
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    name = checkpoint and (checkpoint.name or checkpoint.source)
     return SuperWeightReport(
-        model=info, prompt=prompt, created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        eval={"text": eval_text.name, "sha256": eval_text.sha256, "tokens": int(verification.ids.numel()),
-              "window": settings.window, "bos": bos is not None, "bos_token_id": bos,
-              "baseline_perplexity": _exp_mean(verification.full.baseline), **measured},
+        model=model_facts(model, projections, checkpoint), prompt=prompt,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), evaluation=evaluation,
         super_weights=confirmed, rejected_candidates=[w for w in candidates if w not in confirmed],
-        super_activations=activations, layer_stats=stats, settings=asdict(settings),
-        published=published_agreement(config_dict, info.get("name") or info.get("source"), confirmed),
-        timings=timings)
+        super_activations=activations, layer_stats=stats, settings=settings,
+        published=published_agreement(config, name, confirmed), timings=timings)

@@ -10,13 +10,16 @@ Imported inside every vLLM worker: standard library only at import time.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .detect import SuperWeight, SuperWeightReport
+    from .report import SuperWeight, SuperWeightReport
 
 ARTIFACT_SCHEMA = "superweights.artifact/v1"
 ADAPTERS = "adapters"  # DIR/adapters/<variant name>/: the artifact's own adapters
@@ -38,6 +41,39 @@ def is_quantized_linear(module: nn.Module, fqn: str) -> bool:
     from torch import nn
 
     return isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] not in IGNORE
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a checkpoint's config.json says about its quantization, read once (`read_quantization`)."""
+
+    method: str = "none"  # quantization_config.quant_method; "none": dense
+    format: str | None = None  # compressed-tensors' format, e.g. "int-quantized"
+    scheme: str | None = None  # ours (QUANT_METHOD): the scheme name, e.g. "w8a8"
+    protected: bool = False  # ours: the super-weight columns are stored dense
+
+    @property
+    def needs_plugin(self) -> bool:
+        """Only the superweights vLLM plugin (compression.vllm_plugin) can load it."""
+        return self.method == QUANT_METHOD
+
+    def describe(self) -> str:
+        if self.scheme is None:
+            return self.method
+        how = "super weights protected by the superweights vLLM plugin" if self.protected else "unprotected"
+        return f"{self.scheme} ({self.format}, {how})"
+
+
+def read_quantization(checkpoint: str | os.PathLike) -> Quantization:
+    """The quantization of a checkpoint directory; a dense one, or one without a readable config.json (vLLM says
+    why itself), is Quantization()."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return Quantization()
+    extra = config.get(EXTRA_KEY) or {}
+    return Quantization(method=config.get("quant_method", "none"), format=config.get("format"),
+                        scheme=extra.get("scheme"), protected=bool(extra.get("protected_columns")))
 
 
 def protected_columns(quantization_config: dict[str, Any]) -> dict[str, list[int]]:

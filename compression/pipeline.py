@@ -5,18 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .architectures import find_down_projections
-from .detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport, find_super_weights, peak_memory_mib
+from .detect import DEFAULT_PROMPT, find_super_weights, peak_memory_mib
 from .evaluation import load_eval_text
+from .fsutil import write_atomic
 from .models import Checkpoint, cache_dir, load_model, offline_placement, resolve_checkpoint
+from .report import DetectionSettings, SuperWeightReport
 
 log = logging.getLogger(__name__)
-DETECTOR_REVISION = 5  # bump when detection or the report's content changes: cached reports are then recomputed
+DETECTOR_REVISION = 6  # bump when detection or the report's content or layout changes: cached reports are recomputed
 
 
 def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings, eval_path: Path | None,
@@ -28,9 +29,8 @@ def _report_key(checkpoint: Checkpoint, prompt: str, settings: DetectionSettings
     except OSError as e:
         raise EvalTextError(f"cannot read evaluation text {eval_path}: {e.strerror}") from e
     material = {"detector": DETECTOR_REVISION, "model": checkpoint.sha256, "prompt": prompt,
-                "settings": asdict(settings), "eval": hashlib.sha256(eval_bytes).hexdigest()}
-    if placement != ("cpu", "float32"):  # the reports cached before devices were chosen were all CPU float32
-        material["placement"] = list(placement)
+                "settings": asdict(settings), "eval": hashlib.sha256(eval_bytes).hexdigest(),
+                "placement": list(placement)}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -44,7 +44,7 @@ def _load_cached(path: Path) -> SuperWeightReport | None:
         return None
     try:
         return SuperWeightReport.load(path)
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:  # not JSON, or not a report this revision wrote (ReportFormatError)
         log.warning("ignoring unreadable cached report %s: %s", path, e)
         return None
 
@@ -91,16 +91,13 @@ def detect(source: str | None = None, *, prompt: str = DEFAULT_PROMPT, settings:
     find_down_projections(model)  # fail on an unsupported structure before any work
     eval_text = load_eval_text(tokenizer, eval_path)
     report = find_super_weights(model, tokenizer, eval_text, prompt=prompt, settings=settings, progress=progress,
-                                model_info={"name": checkpoint.name, "source": checkpoint.source,
-                                            "sha256": checkpoint.sha256})
-    report.timings = {"prepare": round(prepared - start, 3), "load": round(loaded - prepared, 3), **report.timings,
-                      "memory_mib": {"load": load_memory, **report.timings.get("memory_mib", {})}}
-    report.eval.update(device=placement[0], dtype=placement[1])
+                                checkpoint=checkpoint)
+    report = replace(report, timings={"prepare": round(prepared - start, 3), "load": round(loaded - prepared, 3),
+                                      **report.timings, "memory_mib": {"load": load_memory,
+                                                                       **report.timings["memory_mib"]}})
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(report.to_json())
-        os.replace(tmp, cached)
+        write_atomic(cached, report.to_json())
     except OSError as e:  # a read-only or full cache: the report is still good, it is just not kept
         log.warning("could not cache the report in %s (%s): detection will run again next time", cached.parent,
                     e.strerror)

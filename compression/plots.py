@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .detect import SuperWeightReport
+from .report import SuperWeightReport
 
 
 def pyplot() -> Any:
@@ -44,12 +44,11 @@ def plot_layer_extremes(report: SuperWeightReport, path: Path) -> Path:
         for w in report.super_weights:
             ax.axvline(w.layer, color="crimson", alpha=0.4, linestyle="--")
         for a in report.super_activations:  # the layers whose output carries a super activation
-            ax.axvspan(a.layer - 0.5, (a.last_layer if a.last_layer is not None else a.layer) + 0.5,
-                       color="orange", alpha=0.12)
+            ax.axvspan(a.layer - 0.5, a.last_layer + 0.5, color="orange", alpha=0.12)
         ax.grid(alpha=0.3)
     names = ", ".join(f"L{w.layer}[{w.row},{w.col}]" for w in report.super_weights) or "none found"
     channels = ", ".join(f"channel {a.channel} from layer {a.layer}" for a in report.super_activations) or "none"
-    fig.suptitle(f"{report.facts.name}: super weights {names}; super "
+    fig.suptitle(f"{report.model.name}: super weights {names}; super "
                  f"activations (shaded) {channels}\nprompt: {report.prompt!r}", fontsize=9)
     return save_figure(fig, path)
 

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .detect import SuperWeightReport
 from .evaluation import Quality, evaluate, load_eval_text, stop_word_ids
 from .models import Checkpoint, load_model
 from .quantize import (
@@ -24,6 +23,7 @@ from .quantize import (
     quantize_model,
     quantized_linears,
 )
+from .report import SuperWeightReport
 from .schemes import Scheme, fit_to_model
 
 

@@ -211,16 +211,11 @@ def register() -> None:
     """The `vllm.general_plugins` hook: runs in every vLLM process."""
     if register_quantization_config is None:
         raise ImportError("the superweights vLLM plugin needs vLLM: pip install 'superweights[cpu]' or '[gpu]'")
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 
-    if QUANT_METHOD not in QUANTIZATION_METHODS or not _registered():
-        register_quantization_config(QUANT_METHOD)(SuperWeightsConfig)
-
-
-def _registered() -> bool:
-    from vllm.model_executor.layers.quantization import _CUSTOMIZED_METHOD_TO_QUANT_CONFIG
-
-    return _CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(QUANT_METHOD) is SuperWeightsConfig
+    if QUANT_METHOD in QUANTIZATION_METHODS and get_quantization_config(QUANT_METHOD) is SuperWeightsConfig:
+        return  # registered already in this process
+    register_quantization_config(QUANT_METHOD)(SuperWeightsConfig)
 
 
 class SuperWeightProbe:
@@ -232,7 +227,24 @@ class SuperWeightProbe:
     Under tensor parallelism each rank answers for the weights in its shard (a down-projection splits its input
     columns, so the rank that holds `col`) and None for the others; pipeline stages answer None for layers they do
     not hold. `combine_probe_values` merges the ranks' answers.
+
+    It also carries one workaround (prepare_pipeline_stages) that the server runs in every worker at start-up.
     """
+
+    def prepare_pipeline_stages(self) -> bool:
+        """Allocate the buffer in which a pipeline stage after the first receives the previous stage's activations,
+        if vLLM has not. vLLM's model runner allocates it in its dummy run, which the CPU worker runs only to warm
+        up compilation, and compilation is off on CPU when LoRA is on (vllm/platforms/cpu.py): every request then
+        failed in stage 1 (`assert self.intermediate_tensors is not None` in sync_and_gather_intermediate_tensors)
+        and took the engine down. The allocation is the dummy run's own. True where one was made."""
+        from vllm.distributed import get_pp_group
+
+        runner = self.model_runner
+        if get_pp_group().is_first_rank or getattr(runner, "intermediate_tensors", False) is not None:
+            return False
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+        return True
 
     @torch.no_grad()
     def probe_super_weights(self, entries: list[tuple[str, int, int]]) -> list[float | None]:

@@ -4,17 +4,16 @@ golden generation, and the results folder. Traffic goes to 127.0.0.1 / localhost
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from superweights.server.harness import SUPERWEIGHTS, ServerProcess, free_port
 from superweights.v1 import superweights_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 LOGS = Path("/tmp/superweights-reliability")  # the campaigns' server logs
-SUPERWEIGHTS = str(Path(sys.executable).parent / "superweights")
 SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["SuperWeightService"]
 SERVICE = SERVICE_DESCRIPTOR.full_name
 METHODS = tuple(m.name for m in SERVICE_DESCRIPTOR.methods)  # Generate, GetSuperWeights, CompareGenerations, ...
@@ -38,22 +37,15 @@ ADAPTER_GLOB = "superweights-adapters-*"
 CLIENT_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class Server:
-    """A `superweights serve` process started by `start_server`, in its own process group."""
+class Server(ServerProcess):
+    """A `superweights serve` process started by `start_server` (superweights.server.harness), on loopback."""
 
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
+    port: int = 0
+    metrics_port: int = 0
     token: str | None = None
     tls: dict | None = None  # reliability.certs.make_mtls paths; with client_cert: mutual TLS
+    start_seconds: float | None = None  # set by `served`
 
     @property
     def target(self) -> str:
@@ -73,20 +65,6 @@ class Server:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
 
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 90) -> int:
-        """SIGTERM, then the whole process group killed if it is not gone within `timeout`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
-
 
 def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | None = None,
                  kv_cache_gib: int = 1) -> Server:
@@ -100,27 +78,25 @@ def start_server(log: Path, *extra: str, token: str | None = None, tls: dict | N
         args += ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])]
         if tls.get("client_cert"):
             args += ["--tls-client-ca", str(tls["ca"])]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), PYTHONUNBUFFERED="1")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   cwd=REPO)
-    return Server(process, port, metrics_port, log, token, tls)
+    started = ServerProcess.start(args, log, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}, cwd=REPO)
+    return Server(started.process, started.log, port, metrics_port, token, tls)
 
 
-def wait_serving(server, timeout: float = 600) -> float:
+def wait_serving(server: Server, timeout: float = 600) -> float:
     """Seconds until health says SERVING; RuntimeError when the process exits or the time runs out."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
-        try:
-            if health(server, timeout=5) == "SERVING":
-                return time.monotonic() - start
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.log_tail()}")
+    return server.wait_until(lambda: health(server) == "SERVING", timeout, what="SERVING")
+
+
+@contextlib.contextmanager
+def served(log: Path, *flags: str, **options) -> Iterator[Server]:
+    """A server (start_server's arguments) SERVING for the block, stopped after it whatever the block does;
+    `server.start_seconds` says how long it took to start."""
+    server = start_server(log, *flags, **options)
+    try:
+        server.start_seconds = wait_serving(server)
+        yield server
+    finally:
+        server.stop()
 
 
 # -- talking to any server -------------------------------------------------------------------------------------
@@ -246,6 +222,19 @@ def engine_processes(server) -> list[psutil.Process]:
         return []
 
 
+def front_end_processes(server) -> list[psutil.Process]:
+    """The front ends of a server of several (superweights::FrontEnd_<i>), by index; [] for a one-process server."""
+    found = []
+    for p in engine_processes(server):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "FrontEnd_" in title:
+            found.append((int(title.rsplit("FrontEnd_", 1)[1].split()[0]), p))
+    return [p for _, p in sorted(found, key=lambda item: item[0])]
+
+
 def engine_core(server) -> psutil.Process:
     """vLLM's engine core process (titled VLLM::EngineCore), a child of the front end."""
     for p in engine_processes(server):
@@ -310,13 +299,11 @@ def write_result(name: str, data: dict) -> Path:
 def campaign(name: str, flags: Sequence[str], measure: Callable[[Server], dict],
              finish: Callable[[dict], None] | None = None, **server_options) -> dict:
     """Start a server with `flags`, measure it, stop it, `finish` the result, write results/<name>.json."""
-    server = start_server(LOGS / f"{name}-server.log", *flags, **server_options)
     result: dict = {"server_flags": list(flags)}
-    try:
-        result["server_start_seconds"] = round(wait_serving(server), 1)
+    with served(LOGS / f"{name}-server.log", *flags, **server_options) as server:
+        result["server_start_seconds"] = round(server.start_seconds, 1)
         result.update(measure(server))
-    finally:
-        result["exit_code"] = server.stop()
+    result["exit_code"] = server.process.returncode
     if finish is not None:
         finish(result)
     print(write_result(name, result))

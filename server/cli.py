@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from superweights.compression.detect import DEFAULT_PROMPT, DetectionSettings, SuperWeightReport
+from superweights.compression.detect import DEFAULT_PROMPT, DetectionSettings
 from superweights.compression.errors import UserError
+from superweights.compression.report import SuperWeightReport
 
 
 def _detection_settings(args: argparse.Namespace) -> DetectionSettings:
@@ -52,73 +54,123 @@ def add_offline_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="auto: bfloat16 on a GPU, float32 on the CPU (%(default)s)")
 
 
-def print_report(report: SuperWeightReport) -> None:
-    from rich.console import Console
+def _times(ratio: float | None) -> str:
+    """A perplexity ratio as printed: x1.06, x21,433.6, x1.5e+09 (a broken model); "-" where none was measured."""
+    if ratio is None:
+        return "-"
+    return f"x{ratio:.2f}" if ratio < 10 else f"x{ratio:,.1f}" if ratio < 1e6 else f"x{ratio:.1e}"
+
+
+def _table(*columns: str, left: tuple[str, ...] = ()):
+    """A table that fits 80 columns as it can: no outer edge, one space between columns, numbers right-aligned;
+    a cell that does not fit folds onto a second line instead of losing its end to an ellipsis."""
+    from rich import box
     from rich.table import Table
 
-    console = Console()
-    m, e = report.model, report.eval
-    base = e.get("baseline_perplexity")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for name in columns:
+        table.add_column(name, justify="left" if name in left else "right", overflow="fold")
+    return table
 
-    def times(ratio: float | None) -> str:
-        return "-" if ratio is None else f"x{ratio:,.1f}" if ratio >= 10 else f"x{ratio:.2f}"
 
-    console.print(f"[bold]{report.facts.name}[/bold] ({m['architecture']}, {m['num_layers']} layers, "
-                  f"hidden {m['hidden_size']})  prompt: {report.prompt!r}")
-    if base is not None:
-        bos = {True: "each window starts with BOS", False: "no BOS"}.get(e.get("bos"), "")
-        screen = (f"; removals measured on the first {e['screen_tokens']} tokens (baseline "
-                  f"{e['screen_baseline_perplexity']:.2f}), near calls on all" if "screen_tokens" in e else "")
-        console.print(f"eval: {e['text']}, {e['tokens']} tokens in windows of {e['window']}"
-                      f"{f' ({bos})' if bos else ''}, baseline perplexity {base:.2f}{screen}")
-    if not report.super_weights:
-        console.print("[yellow]no super weights found[/yellow]: no candidate's removal changed perplexity by "
-                      f"{report.settings.get('min_effect', 2.0)}x or more")
-    sections = (("super weights", report.super_weights), ("rejected candidates", report.rejected_candidates))
-    for title, weights in sections:
-        if not weights:
+def _module_template(weights) -> str | None:
+    """The one module name every row has, its layer number written as L ("model.layers.L.mlp.down_proj"); None
+    when the rows' modules differ in more than the layer."""
+    import re
+
+    names = {re.sub(rf"(?<=\.){w.layer}(?=\.)", "L", w.module, count=1) for w in weights}
+    return names.pop() if len(names) == 1 else None
+
+
+def _print_weights(console, title: str, weights: list) -> None:
+    """A table of super weights or candidates: the module said once above it, where every row shares one."""
+    template = _module_template(weights)
+    tokens = {w.tokens for w in weights}
+    per_row = len(tokens) > 1  # some verdicts remeasured on all tokens: a column; else said once
+    scored = "" if per_row or None in tokens else f", on {tokens.pop()} tokens"
+    where = f" in {template} (L: the layer)" if template else ""
+    console.print(f"\n[bold]{title}[/bold]{where}; perplexity x when removed, alone and on top of the super "
+                  f"weights confirmed before it (conditional){scored}", highlight=False)
+    table = _table("layer", *(() if template else ("module",)), "row", "col", "value", "|in|", "|out|", "alone",
+                   "conditional", *(("tokens",) if per_row else ()), left=("module",))
+    for w in weights:
+        table.add_row(str(w.layer), *(() if template else (w.module,)), str(w.row), str(w.col), f"{w.value:+.6f}",
+                      f"{w.input_magnitude:.1f}", f"{w.output_magnitude:.1f}", _times(w.perplexity_ratio),
+                      _times(w.conditional_ratio), *(("-" if w.tokens is None else str(w.tokens),) if per_row else ()))
+    console.print(table)
+
+
+def _print_activations(console, activations: list) -> None:
+    """The super activations, one row each; each one's feeders listed below the table."""
+    from rich.markup import escape
+
+    console.print("\n[bold]super activations[/bold] in the residual stream on the prompt; all of an activation's "
+                  "feeders zeroed: what is left of it and perplexity x", highlight=False)
+    table = _table("channel", "layers", "value", "token", "zeroed", "perplexity", left=("token",))
+    for a in activations:
+        table.add_row(str(a.channel), f"{a.layer}-{a.last_layer}", f"{a.value:+.1f}",
+                      escape(f"{a.token_position} {a.token!r}"),
+                      "-" if a.value_removed is None else f"{a.value_removed:+.1f}", _times(a.perplexity_ratio_removed))
+    console.print(table)
+    for a in activations:
+        finding = "carried by super weights" if a.carried_by_super_weight else "no single weight carries it"
+        if not a.feeders:
+            console.print(f"\nchannel {a.channel}: {finding}; no candidate feeds it", highlight=False)
             continue
-        table = Table(title=title)
-        for col in ("layer", "module", "row", "col", "value", "|in|", "|out|", "ppl alone", "ppl conditional",
-                    "tokens"):
-            table.add_column(col, justify="right" if col != "module" else "left")
-        for w in weights:
-            table.add_row(str(w.layer), w.module, str(w.row), str(w.col), f"{w.value:+.4f}",
-                          f"{w.input_magnitude:.1f}", f"{w.output_magnitude:.1f}", times(w.perplexity_ratio),
-                          times(w.conditional_ratio), "-" if w.tokens is None else str(w.tokens))
+        console.print(f"\nchannel {a.channel}: {finding}; the candidates in its row that feed it, each zeroed "
+                      f"alone: the activation and perplexity x", highlight=False)
+        table = _table("layer", "row", "col", "value", "super weight", "activation", "perplexity")
+        for f in a.feeders:
+            table.add_row(str(f.layer), str(f.row), str(f.col), f"{f.value:+.6f}", "yes" if f.confirmed else "no",
+                          f"{f.value_removed:+.1f}", _times(f.perplexity_ratio))
         console.print(table)
-    if report.super_weights and base is not None:
-        console.print(f"all super weights removed: perplexity {times(report.evaluation.removed_ratio)}; size-matched "
-                      f"control, the {e['control_weights']} largest other down-projection weights removed: "
-                      f"{times(report.evaluation.control_ratio)}")
-    if e.get("largest_control_weights"):
-        console.print(f"paper's control, the {e['largest_control_weights']} largest other down-projection weights "
-                      f"removed together: perplexity {times(e['largest_control_ratio'])}")
+
+
+def print_report(report: SuperWeightReport, console=None) -> None:
+    """The report as a person reads it, in tables that fit 80 columns (console: a rich Console; default: stdout at
+    the terminal's width, or $COLUMNS)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console()
+    m, e = report.model, report.evaluation
+    about = f"{m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}"
+    console.print(f"[bold]{escape(m.name)}[/bold] ({about})" if m.name else f"[bold]{about}[/bold]", highlight=False)
+    if report.prompt:
+        console.print(f"prompt: {report.prompt!r}", markup=False, highlight=False)
+    if m.declared:
+        console.print("super weights declared (--super-weights), not detected: nothing was measured", highlight=False)
+    if e.baseline_perplexity is not None:
+        bos = "each window starts with BOS" if e.bos else "no BOS"
+        console.print(f"eval: {e.text}, {e.tokens} tokens in windows of {e.window} ({bos}), baseline perplexity "
+                      f"{e.baseline_perplexity:.2f}; removals measured on the first {e.screen_tokens} tokens "
+                      f"(baseline {e.screen_baseline_perplexity:.2f}), near calls on all", markup=False,
+                      highlight=False)
+    if report.super_weights:
+        _print_weights(console, "super weights", report.super_weights)
+    else:
+        console.print(f"[yellow]no super weights found[/yellow]: no candidate's removal changed perplexity by "
+                      f"{report.min_effect}x or more", highlight=False)
+    if report.rejected_candidates:
+        _print_weights(console, "rejected candidates", report.rejected_candidates)
+    if report.super_weights and e.baseline_perplexity is not None:
+        console.print(f"all super weights removed: perplexity {_times(e.removed_ratio)}; size-matched control, the "
+                      f"{e.control_weights} largest other down-projection weights removed: "
+                      f"{_times(e.control_ratio)}", highlight=False)
+    if e.largest_control_weights:
+        console.print(f"paper's control, the {e.largest_control_weights} largest other down-projection weights "
+                      f"removed together: perplexity {_times(e.largest_control_ratio)}", highlight=False)
     if report.super_activations:
-        table = Table(title="super activations (residual stream, on the prompt)")
-        for col in ("channel", "layers", "value", "token", "fed by (candidates in its row)", "all zeroed",
-                    "finding"):
-            table.add_column(col, justify="left" if col in ("fed by (candidates in its row)", "finding") else "right")
-        for a in report.super_activations:
-            fed = "\n".join(f"L{f.layer}[{f.row},{f.col}] {f.value:+.3f}: -> {f.value_removed:+.1f}, "
-                            f"ppl {times(f.perplexity_ratio)}" for f in a.feeders) or "no candidate"
-            zeroed = ("-" if a.value_removed is None else
-                      f"-> {a.value_removed:+.1f}\nppl {times(a.perplexity_ratio_removed)}")
-            finding = ("carried by super weights" if a.carried_by_super_weight else
-                       "no single weight carries it" if a.last_layer is not None else "-")
-            layers = f"{a.layer}-{a.last_layer}" if a.last_layer is not None else str(a.layer)
-            table.add_row(str(a.channel), layers, f"{a.value:+.1f}", f"{a.token_position} ({a.token!r})", fed, zeroed,
-                          finding)
-        console.print(table)
+        _print_activations(console, report.super_activations)
     if report.published:
         p = report.published
-        console.print(f"published ({p['source']}, entry {p['entry']}): detection "
-                      f"{'agrees exactly' if p['exact'] else 'disagrees'}")
-        for c in p["coordinates"]:
-            status = ("published, detected" if c["published"] and c["detected"] else
-                      "published, not detected" if c["published"] else "detected, not published")
-            note = f" ({c['note']})" if c.get("note") else ""
-            console.print(f"  layer {c['layer']} [{c['row']}, {c['col']}]: {status}{note}")
+        console.print(f"\npublished ({p.source}, entry {p.entry}): detection "
+                      f"{'agrees exactly' if p.exact else 'disagrees'}", markup=False, highlight=False)
+        for c in p.coordinates:
+            status = ("published, detected" if c.published and c.detected else
+                      "published, not detected" if c.published else "detected, not published")
+            note = f" ({c.note})" if c.note else ""
+            console.print(f"  layer {c.layer} [{c.row}, {c.col}]: {status}{note}", markup=False, highlight=False)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -225,7 +277,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .app import ServeConfig, run
-    from .engine import EngineConfig, engine_options
+    from .engine import EngineConfig, is_cpu_engine
+    from .options import engine_options
     from .service import Limits
 
     tokens = tuple(args.auth_token or ()) + tuple(
@@ -240,8 +293,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca, reflection=not args.no_reflection, grace_seconds=args.grace,
         canary_interval=args.canary_interval, prompt=args.prompt, self_check_tolerance=args.self_check_tolerance,
         detection=_detection_settings(args), eval_text=args.eval_text, super_weights=tuple(args.super_weights or ()),
-        offline_device=args.offline_device, offline_dtype=args.offline_dtype)
-    return asyncio.run(run(config))
+        offline_device=args.offline_device, offline_dtype=args.offline_dtype, use_cache=not args.no_cache)
+    front_ends = args.front_ends
+    if front_ends == "auto":
+        from .frontends import auto_front_ends
+
+        front_ends = auto_front_ends(is_cpu_engine(args.device))
+    if front_ends == 1:
+        return asyncio.run(run(config))
+    from .frontends import serve
+
+    return serve(replace(config, front_ends=front_ends))
+
+
+def _front_ends(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--front-ends takes a count of at least 1, or auto; got {value!r}")
+    return count
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -269,6 +343,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: turns on mutual TLS")
     p.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off (production)")
+    p.add_argument("--front-ends", type=_front_ends, default="auto", metavar="N|auto", help="gRPC front-end "
+                   "processes on one engine core, all on --port; each detokenizes and streams its own calls. auto: 1 "
+                   "on a CPU engine, on a GPU one per 4 cores up to 4 (%(default)s)")
     p.add_argument("--grace", type=float, default=s.grace_seconds, help="seconds in-flight calls get at shutdown "
                    "(%(default)s)")
     p.add_argument("--canary-interval", type=float, default=s.canary_interval, help="seconds between canary runs; "
@@ -326,23 +403,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def print_compare(response, prompt: str, console=None) -> None:
+    """A CompareGenerationsResponse as a person reads it: a table of the arms' numbers that fits 80 columns, then
+    each arm's text below it (console: a rich Console; default: stdout)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
+    from rich.padding import Padding
+    from rich.text import Text
 
-    with _client(args) as client:
-        response = client.compare(args.prompt, variants=args.variant, alphas=args.alpha, chat=args.chat,
-                                  **_sampling_args(args))
-    table = Table(title=f"prompt: {args.prompt!r}", show_lines=True)
-    for col in ("variant", "text", "stop-word mass", "first diff", "top-1 agree", "KL top-k"):
-        table.add_column(col)
+    console = console or Console()
+    console.print(f"prompt: {prompt!r}", markup=False, highlight=False)
+    table = _table("variant", "finish", "stop-word mass", "first diff", "top-1 agree", "KL top-k",
+                   left=("variant", "finish"))
     divergence = {d.variant: d for d in response.divergence}
     for arm in response.arms:
         d = divergence.get(arm.variant)
-        table.add_row(arm.variant, arm.text, f"{arm.stop_word_mass:.3f}",
-                      "-" if d is None else str(d.first_differing_token),
+        first = "-" if d is None else "none" if d.first_differing_token < 0 else str(d.first_differing_token)
+        table.add_row(escape(arm.variant), escape(arm.finish_reason), f"{arm.stop_word_mass:.3f}", first,
                       "-" if d is None else f"{d.top1_agreement:.2f}", "-" if d is None else f"{d.mean_kl_topk:.3f}")
-    Console().print(table)
+    console.print(table)
+    console.print(Text("\ntext of each arm", style="bold"))
+    for arm in response.arms:
+        console.print(Text(f"{arm.variant}:", style="bold"))
+        console.print(Padding(Text(arm.text), (0, 0, 0, 2), expand=False))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.compare(args.prompt, variants=args.variant, alphas=args.alpha, chat=args.chat,
+                                  **_sampling_args(args))
+    print_compare(response, args.prompt)
     if args.plot:
         import math
 

@@ -11,27 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
 import math
 import os
 import shutil
 import tempfile
 import uuid
-from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from superweights.compression.adapters import adapter_rank, vllm_max_lora_rank, write_adapter
-from superweights.compression.detect import SuperWeightReport
+from superweights.compression.adapters import adapter_rank, vllm_max_lora_rank
 from superweights.compression.errors import UserError
-from superweights.compression.format import BASE, REMOVED, SCALED, VariantSpec, scaled_spec, variant_specs
+from superweights.compression.format import BASE, variant_specs
+from superweights.compression.report import SuperWeightReport
+
+from .variants import Variant, VariantRegistry
 
 log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 PROBE_EXTENSION = "superweights.compression.vllm_plugin.SuperWeightProbe"  # worker methods: probe_super_weights
+ADAPTER_DIR_PREFIX = "superweights-adapters-"  # a server's adapter directory, in the temporary directory
 
 
 class EngineError(RuntimeError):
@@ -48,18 +49,6 @@ class EngineOptionError(UserError):
 
 class InvalidRequestError(ValueError):
     """A request that vLLM's own checks refuse; the message is vLLM's."""
-
-
-class VariantsBusyError(RuntimeError):
-    """Every scaled variant slot is held by a running request."""
-
-
-class UnknownVariantError(ValueError):
-    def __init__(self, variant: str, known: list[str], evicted: bool = False):
-        what = f"variant {variant[:80]!r} was unloaded to make room for newer alphas" if evicted else \
-            f"unknown variant {variant[:80]!r}"
-        super().__init__(f"{what}; this server offers {', '.join(known)} "
-                         f"(and {SCALED}<alpha> through CompareGenerations alphas)")
 
 
 @dataclass(frozen=True)
@@ -132,7 +121,8 @@ def vllm_usage_context():
     return UsageContext.OPENAI_API_SERVER
 
 
-def _is_cpu(device: str) -> bool:
+def is_cpu_engine(device: str = "auto") -> bool:
+    """Whether the installed vLLM runs on the CPU; EngineError if `device` asks for the other one."""
     from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
@@ -142,114 +132,141 @@ def _is_cpu(device: str) -> bool:
     return cpu
 
 
-def _require_plugin_for(checkpoint: Path) -> None:
-    """An artifact's quant_method "superweights" exists only through our vLLM plugin: say so before vLLM does."""
-    import json
-    from importlib.metadata import entry_points
+def engine_args(config: EngineConfig, report: SuperWeightReport):
+    """The vLLM AsyncEngineArgs a server starts its engine with: LoRA on for the report's variants, stats on, the
+    probe worker extension, and the user's `engine_options` (benchmarks start plain vLLM with the same)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
 
+    options = dict(config.engine_options)
+    if "worker_extension_cls" in AsyncEngineArgs.__dataclass_fields__:
+        options.setdefault("worker_extension_cls", PROBE_EXTENSION)
+    if "lora_target_modules" in AsyncEngineArgs.__dataclass_fields__ and report.super_weights:
+        # LoRA only where the variants act: cheaper for base traffic, and it keeps the LM head unwrapped,
+        # whose CPU LoRA kernel fails on prompt logprobs when several requests share a step.
+        options.setdefault("lora_target_modules", sorted({w.module.rsplit(".", 1)[-1] for w in report.super_weights}))
+    fixed = 1 + len(variant_specs(report))
+    cpu = is_cpu_engine(config.device)
     try:
-        quant = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config", {})
-    except (OSError, ValueError):
-        return  # vLLM reports an unreadable checkpoint itself
-    if quant.get("quant_method") == "superweights" and not any(
-            e.name == "superweights" for e in entry_points(group="vllm.general_plugins")):
-        raise PluginMissingError("this artifact needs the superweights vLLM plugin, which is not installed in this "
-                          "environment: `pip install -e .` (or `pip install --no-deps .`) in the superweights "
-                          "checkout registers it")
+        return AsyncEngineArgs(
+            model=str(config.checkpoint), dtype=served_dtype(config, cpu), max_model_len=config.max_model_len,
+            enable_lora=bool(report.super_weights), max_loras=config.max_loras,
+            max_cpu_loras=max(config.max_loras, fixed + config.max_scaled_variants),
+            max_lora_rank=vllm_max_lora_rank(adapter_rank(report)), seed=config.seed, disable_log_stats=False,
+            **options)
+    except TypeError as e:  # an engine option AsyncEngineArgs does not have
+        raise EngineOptionError(f"vLLM engine option not accepted: {e}") from e
+
+
+def bind_cpu_workers(config: EngineConfig) -> None:
+    """On the CPU engine, give each of its tensor x pipeline-parallel workers cores of its own before it starts.
+    vLLM binds one worker per NUMA node by itself and refuses more workers than nodes ("Not enough allowed NUMA
+    nodes to bind threads of 2 local CPUWorkers"); VLLM_CPU_OMP_THREADS_BIND ("0|1": worker 0 on core 0, worker 1
+    on core 1) lifts that. Set from the cores this process may use, split evenly, unless the user set it."""
+    options = config.engine_options
+    workers = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    if workers <= 1 or not is_cpu_engine(config.device) or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise EngineOptionError(f"{workers} CPU workers (tensor_parallel_size x pipeline_parallel_size) need a core "
+                                f"each, and this process may use {len(cores)}: lower the parallel sizes, or set "
+                                f"VLLM_CPU_OMP_THREADS_BIND yourself (one core list per worker, e.g. \"0|1\")")
+    each = len(cores) // workers
+    bind = "|".join(",".join(map(str, cores[i * each:(i + 1) * each])) for i in range(workers))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    log.info("CPU workers bound to cores %s (VLLM_CPU_OMP_THREADS_BIND)", bind)
+
+
+def served_dtype(config: EngineConfig, cpu: bool) -> str:
+    """"auto": float32 on CPU (no native bf16 on AVX2), bfloat16 on GPU."""
+    return config.dtype if config.dtype != "auto" else ("float32" if cpu else "bfloat16")
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One arm of the served model, resolved once from the name a client sent.
+class FrontEndClient:
+    """This process is front end `index` of `count`, a client of an engine core that another process launched
+    (server.frontends); `addresses` is what vLLM's launcher hands each of its API servers."""
 
-    kind: "base" (the model as served), "removed" (every super weight zeroed), "removed_one" (one of them),
-    "scaled" (all of them times `alpha`, created on demand through CompareGenerations).
-    lora: the vLLM LoRARequest that serves it; None for the plain base model.
-    """
-
-    name: str
-    kind: str
-    lora: object | None = None
-    alpha: float = 1.0
-
-    @property
-    def label(self) -> str:
-        """Metric label: bounded, every client-chosen alpha shares "scaled"."""
-        return "scaled" if self.kind == "scaled" else self.name
+    addresses: dict
+    index: int
+    count: int
 
 
 class SuperWeightEngine:
     """vLLM AsyncLLM with LoRA on, serving the base model and its super-weight variants.
 
     Args:
-        adapters: ready adapter directories by variant name (an artifact's own, verified by its manifest);
-            variants not in it are written to a temporary directory that `shutdown` removes.
+        adapters: ready adapter directories by variant name (an artifact's own, verified by its manifest).
+        adapter_root: the server's shared adapter directory (front ends of one engine core); None: a temporary
+            one of this engine's, removed by `shutdown`.
     """
 
-    def __init__(self, config: EngineConfig, report: SuperWeightReport, adapters: dict[str, Path] | None = None):
+    def __init__(self, config: EngineConfig, report: SuperWeightReport, adapters: dict[str, Path] | None = None,
+                 adapter_root: Path | None = None):
         self.config = config
         self.report = report
-        self.cpu = _is_cpu(config.device)
-        self.dtype = config.dtype if config.dtype != "auto" else ("float32" if self.cpu else "bfloat16")
+        self.cpu = is_cpu_engine(config.device)
+        self.dtype = served_dtype(config, self.cpu)
         self._given_adapters = dict(adapters or {})
-        self._adapter_dir: Path | None = None
+        self._own_root = adapter_root is None
+        self._adapter_root = adapter_root
+        self.variants: VariantRegistry | None = None
         self._engine = None
         self._tokenizer = None
-        self._fixed: dict[str, Variant] = {BASE: Variant(BASE, "base")}
-        self._scaled: OrderedDict[str, Variant] = OrderedDict()  # least recently used first
-        self._in_use: Counter[str] = Counter()
-        self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
         self._closed = False
+        self._dead: str | None = None  # set by mark_dead: the engine core (not ours to watch) has died
         self.probed_values: list[float] | None = None  # served_super_weights(), once called
 
     # -- life cycle -------------------------------------------------------------------------------------------
-    def _engine_args(self):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        options = dict(self.config.engine_options)
-        if "worker_extension_cls" in AsyncEngineArgs.__dataclass_fields__:
-            options.setdefault("worker_extension_cls", PROBE_EXTENSION)
-        if "lora_target_modules" in AsyncEngineArgs.__dataclass_fields__ and self.report.super_weights:
-            # LoRA only where the variants act: cheaper for base traffic, and it keeps the LM head unwrapped,
-            # whose CPU LoRA kernel fails on prompt logprobs when several requests share a step.
-            options.setdefault("lora_target_modules", sorted(
-                {w.module.rsplit(".", 1)[-1] for w in self.report.super_weights}))
-        fixed = 1 + len(variant_specs(self.report))
-        return AsyncEngineArgs(
-            model=str(self.config.checkpoint), dtype=self.dtype, max_model_len=self.config.max_model_len,
-            enable_lora=bool(self.report.super_weights), max_loras=self.config.max_loras,
-            max_cpu_loras=max(self.config.max_loras, fixed + self.config.max_scaled_variants),
-            max_lora_rank=vllm_max_lora_rank(adapter_rank(self.report)), seed=self.config.seed,
-            disable_log_stats=False, **options)
-
-    async def start(self) -> None:
+    async def start(self, client: FrontEndClient | None = None) -> None:
+        """Start vLLM: its own engine core, or (client) connect to the shared one as one of its front ends."""
         if self.cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        _require_plugin_for(self.config.checkpoint)
-        try:
-            args = self._engine_args()
-        except TypeError as e:  # an engine option AsyncEngineArgs does not have
-            raise EngineOptionError(f"vLLM engine option not accepted: {e}") from e
-        self._engine = AsyncLLM.from_engine_args(args, usage_context=vllm_usage_context())
+        args = engine_args(self.config, self.report)
+        if client is None:
+            bind_cpu_workers(self.config)
+            self._engine = AsyncLLM.from_engine_args(args, usage_context=vllm_usage_context())
+        else:
+            args._api_process_count, args._api_process_rank = client.count, client.index
+            vllm_config = args.create_engine_config(usage_context=vllm_usage_context())
+            self._engine = AsyncLLM.from_vllm_config(
+                vllm_config, usage_context=vllm_usage_context(), disable_log_stats=False,
+                client_addresses=dict(client.addresses), client_count=client.count, client_index=client.index)
         tokenizer = self._engine.get_tokenizer()  # a coroutine in older vLLM releases
         self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
-        if not self.report.super_weights:
-            return
+        if self.parallelism()["pipeline_parallel_size"] > 1 and self._probe_extension(args):
+            made = await self._engine.collective_rpc("prepare_pipeline_stages")
+            if any(made):
+                log.info("pipeline stages: allocated the activation buffer vLLM's CPU worker skips with LoRA on")
+
+    @staticmethod
+    def _probe_extension(args) -> bool:
+        return getattr(args, "worker_extension_cls", None) == PROBE_EXTENSION
+
+    async def load_variants(self) -> None:
+        """Once per server, after start: declared super weights on dummy weights take the values the engine
+        computes with, then the fixed arms' adapters are written and loaded into the engine."""
         if any(math.isnan(w.value) for w in self.report.super_weights):  # declared, no weights on disk (dummy)
             values = await self.served_super_weights()
             if values is None:
                 raise EngineOptionError("declared super weights on a dummy-weight model: no engine worker holds "
                                         "every one of them (see the warning above), so their values cannot be read "
                                         "back; check the declared layer:row:col against the model")
-            for w, value in zip(self.report.super_weights, values):
-                w.value = value
-        if self.cpu:  # the CPU build's slot -1 bug (module docstring): base goes through an all-zero adapter
-            self._fixed[BASE] = await self._add_variant(VariantSpec(BASE, "base", 1.0, ()), zero=True)
-        for spec in variant_specs(self.report):
-            self._fixed[spec.name] = await self._add_variant(spec)
+            self.report = self.report.with_values(values)
+        for variant in self.attach_variants(self.report).write_fixed():
+            await self.engine.add_lora(variant.lora)
+
+    def attach_variants(self, report: SuperWeightReport) -> VariantRegistry:
+        """The arms of `report` on the server's adapter directory (a front end whose adapters another wrote)."""
+        self.report = report
+        if self._adapter_root is None and report.super_weights:  # no super weights, no adapters
+            self._adapter_root = Path(tempfile.mkdtemp(prefix=ADAPTER_DIR_PREFIX))
+        self.variants = VariantRegistry(
+            self._adapter_root, report, self._given_adapters, zero_base=self.cpu,
+            max_scaled=self.config.max_scaled_variants, base_model=str(self.config.checkpoint))
+        return self.variants
 
     async def served_super_weights(self) -> list[float] | None:
         """Each reported super weight as the running engine computes with it (see SuperWeightProbe). Every
@@ -264,6 +281,11 @@ class SuperWeightEngine:
         if missing:
             log.warning("no engine worker holds %s: super weights not probed", ", ".join(missing))
             return None
+        if len(per_worker) > 1 and self.probed_values is None:  # at start-up: which rank or stage answered
+            for i, (name, row, col) in enumerate(entries):
+                holders = [rank for rank, answers in enumerate(per_worker) if answers[i] is not None]
+                log.info("probe: %s[%d, %d] %+.6f from worker %s of %d", name, row, col, values[i],
+                         ", ".join(map(str, holders)), len(per_worker))
         self.probed_values = [float(v) for v in values]
         return self.probed_values
 
@@ -275,13 +297,27 @@ class SuperWeightEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
-        if self._adapter_dir is not None:
-            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        if self._own_root and self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
+
+    def parallelism(self) -> dict:
+        """How vLLM runs the model: tensor- and pipeline-parallel sizes and the executor ("uni", "mp", "ray")."""
+        parallel = self.engine.vllm_config.parallel_config
+        backend = parallel.distributed_executor_backend or "uni"
+        return {"tensor_parallel_size": parallel.tensor_parallel_size,
+                "pipeline_parallel_size": parallel.pipeline_parallel_size,
+                "executor": backend if isinstance(backend, str) else getattr(backend, "__name__", str(backend))}
+
+    def mark_dead(self, reason: str) -> None:
+        """The engine core has died (told by the process that launched it): every call from now on fails."""
+        self._dead = reason
 
     @property
     def engine(self):
         if self._engine is None:
             raise EngineError("the engine is not running")
+        if self._dead is not None:
+            raise EngineError(f"the engine has died: {self._dead}")
         if self._engine.errored:
             raise EngineError(f"the engine has died: {self._engine.dead_error}")
         return self._engine
@@ -289,100 +325,33 @@ class SuperWeightEngine:
     @property
     def alive(self) -> bool:
         """False once the engine has stopped or its core process has died."""
-        return self._engine is not None and not self._engine.errored
+        return self._engine is not None and self._dead is None and not self._engine.errored
 
     # -- variants ---------------------------------------------------------------------------------------------
-    @property
-    def variants(self) -> list[str]:
-        return list(self._fixed) + list(self._scaled)
-
-    @property
-    def fixed_variants(self) -> list[str]:
-        """base and the removal arms: the variants that exist for the whole life of the engine."""
-        return list(self._fixed)
-
-    def _adapter_path(self, spec: VariantSpec, zero: bool) -> Path:
-        if spec.name in self._given_adapters and not zero:
-            return self._given_adapters[spec.name]
-        if self._adapter_dir is None:
-            self._adapter_dir = Path(tempfile.mkdtemp(prefix="superweights-adapters-"))
-        return write_adapter(self.report, self._adapter_dir / spec.name, alpha=spec.alpha, zero=zero,
-                             weights=list(spec.weights), base_model=str(self.config.checkpoint))
-
-    async def _add_variant(self, spec: VariantSpec, zero: bool = False) -> Variant:
-        from vllm.lora.request import LoRARequest
-
-        path = self._adapter_path(spec, zero)
-        request = LoRARequest(lora_name=spec.name, lora_int_id=next(self._ids), lora_path=str(path))
-        await self.engine.add_lora(request)
-        return Variant(spec.name, spec.kind, request, spec.alpha)
-
     def resolve(self, name: str) -> Variant:
         """The variant a client named ("" is base); UnknownVariantError for any other name."""
-        name = name or BASE
-        if name in self._fixed:
-            return self._fixed[name]
-        if name in self._scaled:
-            self._scaled.move_to_end(name)
-            return self._scaled[name]
-        raise UnknownVariantError(name, self.variants)
-
-    async def scaled(self, alpha: float) -> Variant:
-        """"Super weights scaled by alpha", created on first use. At most `max_scaled_variants` are kept: the
-        least recently used one that no request is using makes room (its adapter unloaded and deleted)."""
-        if not self.report.super_weights:
-            raise UnknownVariantError(f"scaled_{alpha:g}", self.variants)
-        if alpha in (0.0, 1.0):
-            return self._fixed[REMOVED if alpha == 0.0 else BASE]
-        spec = scaled_spec(self.report, alpha)
-        name = spec.name
-        async with self._lock:
-            if name not in self._scaled:
-                await self._make_room()
-                self._scaled[name] = await self._add_variant(spec)
-            self._scaled.move_to_end(name)
-            return self._scaled[name]
-
-    async def _make_room(self) -> None:
-        while len(self._scaled) >= self.config.max_scaled_variants:
-            idle = next((n for n in self._scaled if not self._in_use[n]), None)
-            if idle is None:
-                raise VariantsBusyError(f"all {self.config.max_scaled_variants} scaled variants are in use by "
-                                        f"running requests; retry later or reuse one of their alphas")
-            variant = self._scaled.pop(idle)
-            await self.engine.remove_lora(variant.lora.lora_int_id)
-            if self._adapter_dir is not None:
-                shutil.rmtree(self._adapter_dir / idle, ignore_errors=True)
+        return self.variants.resolve(name)
 
     @contextlib.asynccontextmanager
     async def scaled_variants(self, alphas: list[float]):
-        """The variants for these alphas, held (never evicted) until the block ends."""
+        """The variants for these alphas, held (never evicted, in any front end) until the block ends."""
         held = []
         try:
             for alpha in alphas:
-                variant = await self.scaled(alpha)
-                self._in_use[variant.name] += 1  # no await since scaled() returned: it cannot be evicted first
-                held.append(variant)
+                held.append(await self.variants.scaled(alpha, self.engine.remove_lora))
             yield held
         finally:
             for variant in held:
-                self._release(variant)
+                self.variants.release(variant)
 
-    @contextlib.contextmanager
-    def _holding(self, variant: Variant | None):
-        variant = variant or self._fixed[BASE]
-        if variant.kind == "scaled" and self._scaled.get(variant.name) is not variant:
-            raise UnknownVariantError(variant.name, self.variants, evicted=True)
-        self._in_use[variant.name] += 1
+    @contextlib.asynccontextmanager
+    async def _holding(self, variant: Variant | None):
+        variant = variant or self.variants.fixed[BASE]
+        await self.variants.hold(variant)
         try:
             yield variant.lora
         finally:
-            self._release(variant)
-
-    def _release(self, variant: Variant) -> None:
-        self._in_use[variant.name] -= 1
-        if self._in_use[variant.name] <= 0:
-            del self._in_use[variant.name]
+            self.variants.release(variant)
 
     # -- tokens -----------------------------------------------------------------------------------------------
     @property
@@ -449,7 +418,7 @@ class SuperWeightEngine:
         request_id = uuid.uuid4().hex
         engine = self.engine
         params = self.sampling_params(sampling)
-        with self._holding(variant) as lora:
+        async with self._holding(variant) as lora:
             stream = engine.generate(await self._engine_input(prompt_ids), params, request_id, lora_request=lora)
             completion = 0
             try:
@@ -479,7 +448,7 @@ class SuperWeightEngine:
         """Prompt logprobs: for i >= 1, {token_id: Logprob} at position i (top-k plus the actual token)."""
         params = self.sampling_params(Sampling(max_tokens=1, temperature=0.0), prompt_logprobs=k)
         scored = None
-        with self._holding(variant) as lora:
+        async with self._holding(variant) as lora:
             async for out in self.engine.generate(await self._engine_input(ids), params, uuid.uuid4().hex,
                                                   lora_request=lora):
                 scored = out.prompt_logprobs or scored
@@ -523,37 +492,3 @@ class SuperWeightEngine:
         return engine.output_processor.get_num_unfinished_requests()
 
 
-# Set by the server from its own options (--dtype, --max-model-len, --seed, the report's variants): not passable.
-OWN_ENGINE_ARGS = ("model", "dtype", "max_model_len", "seed", "enable_lora", "max_loras", "max_cpu_loras",
-                   "max_lora_rank", "disable_log_stats")
-
-
-def engine_options(pairs: list[str] | tuple[str, ...]) -> dict:
-    """`KEY=VALUE` strings (vLLM engine argument names, dashes or underscores) -> AsyncEngineArgs keywords.
-    VALUE is read as JSON (numbers, true/false, null, lists, objects), else kept as a string."""
-    if not pairs:
-        return {}
-    import difflib
-    import json
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    known = set(AsyncEngineArgs.__dataclass_fields__)
-    options = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise EngineOptionError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. tensor_parallel_size=2")
-        if key in OWN_ENGINE_ARGS:
-            raise EngineOptionError(f"--engine-arg {key}: the server sets it itself; use its own option "
-                                    f"(--{key.replace('_', '-')} where there is one)")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            raise EngineOptionError(f"--engine-arg {key}: not an engine argument of the installed vLLM"
-                                    + (f"; did you mean {', '.join(close)}?" if close else ""))
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
-    return options

@@ -12,6 +12,7 @@ from .engine import TokenChoice
 
 log = logging.getLogger(__name__)
 
+
 def topk(choice: TokenChoice) -> dict[int, float]:
     """A generated token's top-k alternatives as {token_id: logprob}."""
     return {tid: lp for tid, _, lp in choice.top}
@@ -69,7 +70,8 @@ def divergence(reference: list[TokenChoice], forced: list[dict[int, float]], ref
 
 
 class Canary:
-    """Every `interval` seconds, the perplexity of a fixed probe text per fixed variant, through the engine.
+    """Every `interval` seconds, the perplexity of a fixed probe text per fixed variant, through the engine, and
+    the super weights as the engine computes with them.
 
     It runs as ordinary engine requests beside live traffic, so it never blocks serving; its results go to
     `superweights_canary_perplexity{variant}`.
@@ -82,15 +84,19 @@ class Canary:
         self._task: asyncio.Task | None = None
 
     async def measure(self) -> dict[str, float]:
-        variants = [self.engine.resolve(name) for name in self.engine.fixed_variants]
+        variants = list(self.engine.variants.fixed.values())
         values = await asyncio.gather(*(self.engine.perplexity(self.probe_ids, v, self.window, self.bos_id)
                                         for v in variants))
+        if self.engine.report.super_weights:  # what the engine computes with, again: a reload or kernel shows
+            self.metrics.observe_served(self.engine.report.super_weights, await self.engine.served_super_weights(),
+                                        self.engine.report.model.protected)
         measured = {v.name: value for v, value in zip(variants, values)}
         for name, value in measured.items():
             self.metrics.canary_perplexity.labels(name).set(value)
         self.metrics.canary_last_run.set(time.time())
         self.metrics.canary_runs.labels("ok").inc()
         return measured
+
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)

@@ -11,29 +11,21 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from superweights.compression.detect import SuperWeight
 from superweights.compression.errors import UserError
 from superweights.compression.evaluation import stop_word_ids
+from superweights.compression.format import BASE, REMOVED
+from superweights.compression.report import SuperWeight
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
 
 from .ab import CompareResult, compare
-from .engine import (
-    BASE,
-    MAX_LOGPROBS,
-    REMOVED,
-    Chunk,
-    EngineError,
-    InvalidRequestError,
-    Sampling,
-    SuperWeightEngine,
-    UnknownVariantError,
-    VariantsBusyError,
-)
+from .engine import MAX_LOGPROBS, Chunk, EngineError, InvalidRequestError, Sampling, SuperWeightEngine
 from .metrics import Metrics
+from .variants import UnknownVariantError, VariantsBusyError
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SuperWeightService"].full_name
 MAX_ALPHAS = 4
 ALPHA_RANGE = (-16.0, 16.0)
 MAX_TEMPERATURE = 2.0  # vLLM's own bound
@@ -144,22 +136,20 @@ def weight_to_proto(w: SuperWeight) -> pb.SuperWeight:
 
 
 def report_to_proto(report, engine_values: list[float] | None = None) -> pb.SuperWeightReport:
-    m, e = report.model, report.eval
+    m, e = report.model, report.evaluation
     weights = [weight_to_proto(w) for w in report.super_weights]
     for message, value in zip(weights, engine_values or ()):
         message.engine_value = value
     return pb.SuperWeightReport(
-        model_name=m.get("name", ""), model_source=m.get("source", ""), model_sha256=m.get("sha256", ""),
-        architecture=m["architecture"], prompt=report.prompt, created_at=report.created_at,
-        super_weights=weights,
+        model_name=m.name, model_source=m.source, model_sha256=m.sha256, architecture=m.architecture,
+        prompt=report.prompt, created_at=report.created_at, super_weights=weights,
         rejected_candidates=[weight_to_proto(w) for w in report.rejected_candidates],
         super_activations=[pb.SuperActivation(layer=a.layer, channel=a.channel, value=a.value,
                                               token_position=a.token_position, token=a.token)
                            for a in report.super_activations],
-        eval_text=e["text"], eval_tokens=e["tokens"], baseline_perplexity=e["baseline_perplexity"] or 0.0,
-        removed_perplexity=e["removed_perplexity"] or 0.0, control_perplexity=e["control_perplexity"] or 0.0,
-        removed_ratio=report.evaluation.removed_ratio or 0.0, control_ratio=report.evaluation.control_ratio or 0.0,
-        report_json=report.to_json())
+        eval_text=e.text, eval_tokens=e.tokens, baseline_perplexity=e.baseline_perplexity or 0.0,
+        removed_perplexity=e.removed_perplexity or 0.0, control_perplexity=e.control_perplexity or 0.0,
+        removed_ratio=e.removed_ratio or 0.0, control_ratio=e.control_ratio or 0.0, report_json=report.to_json())
 
 
 def compare_to_proto(result: CompareResult) -> pb.CompareGenerationsResponse:
@@ -279,7 +269,7 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
 
     async def GetModelInfo(self, request, context):
         async with self._rpc("GetModelInfo", context):
-            return pb.GetModelInfoResponse(variants=self.engine.variants, **self.model_info)
+            return pb.GetModelInfoResponse(variants=self.engine.variants.names, **self.model_info)
 
     async def CompareGenerations(self, request: pb.CompareGenerationsRequest, context):
         async with self._rpc("CompareGenerations", context):

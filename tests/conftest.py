@@ -14,14 +14,17 @@ import pytest
 from reliability import common
 from reliability.certs import make_mtls
 from reliability.common import free_port, wait_serving
-from reliability.security import fortress_flags
+from reliability.security import locked_down_flags
 
-__all__ = ["TOKEN", "free_port", "run_cli", "serving", "start_server", "wait_serving"]
+__all__ = ["TOKEN", "assert_clean_engine_death", "free_port", "run_cli", "serving", "start_server", "wait_serving"]
 
 SUPERWEIGHTS = str(Path(sys.executable).parent / "superweights")
 TOKEN = "test-token-0123456789"
 # every test server: a canary every 15 s, and limits that a handful of calls reach
 TEST_FLAGS = ("--canary-interval", "15", "--max-concurrent", "2", "--max-queue", "2")
+# servers["tls"]: two front ends, each admitting 2 running and 2 queued calls (a client's calls share one
+# connection, so they reach one front end: the same limits as the one-process "auth" server's)
+TLS_FLAGS = ("--front-ends", "2", "--max-concurrent", "4", "--max-queue", "4", "--grace", "60")
 ENDS_SERVER_SCOPES = ("module", "session")
 
 
@@ -67,6 +70,18 @@ def pytest_collection_modifyitems(config, items) -> None:
     items[:] = ordered + [item for enders in module_enders.values() for item in enders] + session_enders
 
 
+def assert_clean_engine_death(result: dict) -> None:
+    """What an engine core SIGKILLed under load must leave (reliability.faults.engine_kill_under_load's result):
+    every call in flight at the kill, each ended UNAVAILABLE and none hung, health not SERVING within 5 s, new calls
+    refused, exit status 1, no process left."""
+    print(f"\nSIGKILL: {result}")
+    assert result["all_inside_engine_at_kill"] and result["ended_before_kill"] == 0, result["calls"]
+    assert result["hung"] == 0 and result["codes"] == ["UNAVAILABLE"], result["calls"]
+    assert result["not_serving_after_s"] is not None and result["not_serving_after_s"] <= 5
+    assert result["new_call_code"] == "UNAVAILABLE"
+    assert result["exit_code"] == 1 and result["processes_left"] == []
+
+
 @pytest.fixture(scope="session")
 def default_detection():
     """(checkpoint, report) for the embedded default model, detected afresh (not from the cache)."""
@@ -94,14 +109,25 @@ def serving(running: dict[str, common.Server]):
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory, default_detection):
-    """Two real servers on the default model: "auth" (bearer tokens, plaintext, reflection) and "tls" (mutual TLS:
-    reliability.certs' CA, server and client certificates, and a rogue client; no auth, no reflection, no canary,
-    at most 2 scaled variants, a 60 s grace; test_reliability's SIGTERM test ends it, last).
-    `default_detection` first, so that both start from the verified report it cached."""
+def artifact(tmp_path_factory, default_detection) -> Path:
+    """The default model's protected W8A8 artifact, written by `superweights compress`."""
+    directory = tmp_path_factory.mktemp("artifact") / "smollm2-w8a8"
+    done = run_cli("-q", "compress", "--scheme", "w8a8", "-o", str(directory), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "w8a8 protected" in done.stdout
+    return directory
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory, default_detection, artifact):
+    """Two real servers: "auth" on the default model (one process; bearer tokens, plaintext, reflection; an engine
+    core SIGKILL ends it, last) and "tls" on its W8A8 artifact (two front ends on one engine core, each with half of
+    --max-concurrent 4 and --max-queue 4; mutual TLS: reliability.certs' CA, server and client certificates, and a
+    rogue client; no auth, no reflection, no canary, at most 2 scaled variants, a 60 s grace; test_reliability's
+    SIGTERM test ends it). `default_detection` first, so that both start from the verified report it cached."""
     directory = tmp_path_factory.mktemp("servers")
     certificates = make_mtls(directory / "certs")
     with serving({"auth": start_server(directory / "auth.log", token=TOKEN),
-                  "tls": start_server(directory / "tls.log", *fortress_flags(cap=2), "--grace", "60",
+                  "tls": start_server(directory / "tls.log", str(artifact), *locked_down_flags(cap=2), *TLS_FLAGS,
                                       tls=certificates)}) as running:
         yield running

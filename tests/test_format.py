@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from superweights.compression.adapters import write_adapter
-from superweights.compression.detect import SuperWeight, SuperWeightReport
 from superweights.compression.format import REMOVED, REMOVED_ONE, is_quantized_linear, scaled_spec, variant_specs
 from superweights.compression.fsutil import replacing_dir
+from superweights.compression.report import DetectionSettings, EvalFacts, ModelFacts, SuperWeight, SuperWeightReport
 from superweights.compression.schemes import SCHEMES
 
 DOWN = "model.layers.1.mlp.down_proj"
@@ -24,9 +24,11 @@ DOWN = "model.layers.1.mlp.down_proj"
 def _report(*coordinates: tuple[int, int, float]) -> SuperWeightReport:
     weights = [SuperWeight(layer=1, module=DOWN, row=row, col=col, value=value, input_magnitude=1.0,
                            output_magnitude=1.0) for row, col, value in coordinates]
-    return SuperWeightReport(model={"hidden_size": 64, "intermediate_size": 256, "sha256": "abc"}, prompt="",
-                             created_at="", eval={}, super_weights=weights, rejected_candidates=[],
-                             super_activations=[], layer_stats=[], settings={})
+    model = ModelFacts(architecture="LlamaForCausalLM", num_layers=4, hidden_size=64, intermediate_size=256,
+                       model_type="llama", name="tiny", source="", sha256="abc")
+    return SuperWeightReport(model=model, prompt="", created_at="", evaluation=EvalFacts.unmeasured(),
+                             super_weights=weights, rejected_candidates=[], super_activations=[], layer_stats=[],
+                             settings=DetectionSettings())
 
 
 def test_the_vllm_plugin_imports_only_the_format():

@@ -4,7 +4,7 @@ import math
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from superweights.server.metrics import Metrics, read_at_scrape
+from superweights.server.metrics import Metrics
 
 
 def test_a_failing_gauge_reads_nan_and_the_scrape_still_works():
@@ -16,8 +16,8 @@ def test_a_failing_gauge_reads_nan_and_the_scrape_still_works():
     def broken() -> float:
         raise AttributeError("'AsyncLLM' object has no attribute 'get_num_unfinished_requests'")
 
-    read_at_scrape(metrics.engine_unfinished, broken)
-    read_at_scrape(metrics.asyncio_tasks, lambda: 7)
+    metrics.live(metrics.engine_unfinished, broken)
+    metrics.live(metrics.asyncio_tasks, lambda: 7)
     text = generate_latest(registry).decode()
     assert "superweights_asyncio_tasks 7.0" in text
     value = next(line for line in text.splitlines() if line.startswith("superweights_engine_unfinished_requests "))

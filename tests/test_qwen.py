@@ -4,7 +4,7 @@ detect -> claims checked with plain transformers -> compress (w8a8) -> serve thr
 canary.
 
 A campaign, outside the default suite: `bash scripts/test.sh -m campaign tests/test_qwen.py` (the model is 491 MB
-to fetch and 2 GB in float32; about 15 minutes here). Results: README, "Real models".
+to fetch and 2 GB in float32; about 15 minutes here). Results: docs/detection.md, "Real models beyond the default".
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ def test_report_holds_when_the_weights_are_zeroed_independently(detected):
     model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32).eval()
     from superweights.compression.evaluation import DEFAULT_EVAL_TEXT
 
-    assert not report.eval["bos"]  # Qwen adds no BOS: plain consecutive windows are the model's own convention
+    assert not report.evaluation.bos  # Qwen adds no BOS: plain consecutive windows are the model's own convention
     ids = tokenizer(DEFAULT_EVAL_TEXT.read_text(encoding="utf-8"))["input_ids"][:TOKENS]
-    window = report.eval["window"]
+    window = report.evaluation.window
     base = independent_perplexity(model, ids, window, [])
-    assert abs(base / report.eval["baseline_perplexity"] - 1) < 0.01, (base, report.eval["baseline_perplexity"])
-    min_effect = report.settings["min_effect"]
+    assert abs(base / report.evaluation.baseline_perplexity - 1) < 0.01, (base, report.evaluation.baseline_perplexity)
+    min_effect = report.min_effect
     lines = [f"baseline {base:.2f}"]
     if report.super_weights:
         together = independent_perplexity(model, ids, window, report.super_weights) / base
@@ -150,4 +150,4 @@ def test_every_rpc_answers_on_the_served_artifact(server, detected):
     print(f"canary: {canary}")
     assert re.search(r'superweights_canary_runs_total\{outcome="ok"\} [1-9]', metrics)
     # one 512-token window of the text: near the report's 1,024-token baseline (112.6 here), far from a broken model
-    assert "base" in canary and float(canary["base"]) < 1.5 * report.eval["baseline_perplexity"]
+    assert "base" in canary and float(canary["base"]) < 1.5 * report.evaluation.baseline_perplexity

@@ -23,6 +23,7 @@ import pytest
 from reliability import common, faults, fuzz, security
 from reliability.cancel import run_storm
 from reliability.load import run_load
+from tests.conftest import assert_clean_engine_death
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_malformed_bytes_are_refused_before_the_servicer():
     import grpc
     from prometheus_client import CollectorRegistry
 
-    from superweights.server.app import MalformedRequests
+    from superweights.server.interceptors import MalformedRequests
     from superweights.server.metrics import Metrics
     from superweights.server.service import Limits, SuperWeightService
     from superweights.v1 import superweights_pb2_grpc as pb_grpc
@@ -191,6 +192,8 @@ def test_auth_on_every_rpc(auth):
 
 def test_tokens_and_prompts_are_never_logged(auth):
     result = security.secrets_not_logged(auth)
+    # the calls were made: a wrong token refused, the marked prompts served (plain, chat, compare)
+    assert result["codes"] == ["PERMISSION_DENIED", "OK", "OK", "OK", "PERMISSION_DENIED"], result
     assert not any(v for k, v in result.items() if k != "codes"), result
 
 
@@ -238,13 +241,22 @@ def test_alpha_lru_stays_bounded(tls):
 
 @pytest.mark.ends_server("session")
 def test_sigterm_under_load(tls):
-    """2 streams running and 2 queued (--max-concurrent 2 --max-queue 2) at SIGTERM: health stops saying SERVING,
-    a new call is refused, all four complete with every token, the process exits 0 within its grace (60 s)."""
+    """2 streams running and 2 queued (the front end's share of --max-concurrent 4 --max-queue 4) at SIGTERM:
+    health stops saying SERVING, a new call is refused, all four complete with every token, every front end
+    drains and the server exits 0 within its grace (60 s)."""
     result = faults.sigterm_under_load(tls, running=2, queued=2, max_tokens=32)
     print(f"\nSIGTERM: {result}")
     assert result["queued_at_sigterm"] == 2 and result["completed"] == 4 and result["hung"] == 0, result
     assert result["new_call_code"] == "UNAVAILABLE" and result["health_after_sigterm"] != "SERVING", result
     assert result["exit_code"] == 0 and result["exited_after_s"] < 60, result
+
+
+@pytest.mark.ends_server("session")
+def test_engine_core_sigkill_in_one_process_server(auth):
+    """The one-process server's engine core SIGKILLed with a stream and a compare inside it (the two-front-end
+    case: tests/test_any_model.py): health stops saying SERVING within 5 s, both calls end UNAVAILABLE, a new call
+    is refused, the process exits 1 and leaves no engine process."""
+    assert_clean_engine_death(faults.engine_kill_under_load(auth, streams=1, compares=1))
 
 
 # -- the model cache, on private copies ------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def reference_checkpoint():
 def private_cache(tmp_path, monkeypatch, reference_checkpoint):
     """A copy of the cache (GGUF and converted checkpoint) as $SUPERWEIGHTS_CACHE; conversions are replaced by a
     copy of the real converted checkpoint (the conversion itself takes a minute and is not what is tested)."""
-    import superweights.compression.models as models
+    from superweights.compression import models
 
     reference = reference_checkpoint.path
     cache = faults.copy_cache(tmp_path / "cache")

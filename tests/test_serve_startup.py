@@ -46,7 +46,7 @@ def test_bad_engine_arg_on_the_command_line():
 
 
 def test_engine_args_pass_through_typed():
-    from superweights.server.engine import engine_options
+    from superweights.server.options import engine_options
 
     options = engine_options(["tensor-parallel-size=2", "enforce_eager=true", "gpu_memory_utilization=0.85",
                               "distributed_executor_backend=ray", "--max-num-seqs=64"])
@@ -60,7 +60,8 @@ def test_engine_args_pass_through_typed():
     ("tensor_parallel_size", "expected KEY=VALUE"),
 ])
 def test_bad_engine_args_are_user_errors(arg, fragment):
-    from superweights.server.engine import EngineOptionError, engine_options
+    from superweights.server.engine import EngineOptionError
+    from superweights.server.options import engine_options
 
     with pytest.raises(EngineOptionError, match=re.escape(fragment)):
         engine_options([arg])

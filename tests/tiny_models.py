@@ -64,6 +64,36 @@ def _planted_llama(layer: int, row: int, values: dict[int, float], seed: int) ->
 
 
 @torch.no_grad()
+def servable_planted_llama(english_bytes: bytes, layer: int = 1, row: int = 17, col: int = 99, value: float = 50.0,
+                           seed: int = 0) -> LlamaForCausalLM:
+    """A planted Llama that vLLM's CPU engine serves, at tensor parallel size 2 too (head_dim 64, 4 heads, 2 KV
+    heads, 2048 positions), and whose super weight matters on English text: its LM head reads hidden channel
+    `row` as the log-frequencies of the bytes of `english_bytes`, so with the super activation the model predicts
+    English bytes (perplexity near their unigram entropy) and without it almost uniformly (about 256).
+
+    After the final RMSNorm the super activation makes the hidden state nearly one-hot in `row`, about
+    sqrt(hidden) there: the LM head's column is scaled by that."""
+    torch.manual_seed(seed)
+    hidden = 256
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=512, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(hidden, generator=g)
+    v /= v.norm()
+    model.model.embed_tokens.weight += 3.0 * v
+    mlp = model.model.layers[layer].mlp
+    mlp.gate_proj.weight[col] = 0.5 * v * (hidden / HIDDEN) ** 0.5  # RMSNorm scales inputs by sqrt(hidden)
+    mlp.up_proj.weight[col] = 0.5 * v * (hidden / HIDDEN) ** 0.5
+    mlp.down_proj.weight[row, col] = value
+    counts = torch.bincount(torch.tensor(list(english_bytes)), minlength=VOCAB).float() + 0.5
+    log_p = counts.log() - counts.log().mean()
+    model.lm_head.weight[:, row] = log_p / hidden**0.5
+    return model
+
+
+@torch.no_grad()
 def planted_gpt2(layer: int = 1, row: int = 17, col: int = 99, value: float = 50.0, seed: int = 0) -> GPT2LMHeadModel:
     """The same construction in GPT-2's shape: Conv1D weights stored [in, out], so the planted entry of
     `transformer.h.{layer}.mlp.c_proj.weight` is [col, row]."""
