@@ -23,11 +23,25 @@ COLUMNS = (1229, 1487, 2427)  # protected input channels (three super weights fe
 TOKENS = (1, 8, 32, 256)
 
 
+def _one_rank() -> None:
+    """vLLM's parallel state for one process (its weight parameters ask for their tensor-parallel rank)."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from superweights.server.harness import free_port
+
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                                    distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
+        parallel_state.initialize_model_parallel(1, 1)
+
+
 def _layer(method, weight: torch.Tensor) -> torch.nn.Module:
     """A down-projection as vLLM builds one: the method creates its parameters, the checkpoint's are loaded,
     then the method prepares them (on CPU: packs the weight for its GEMM)."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod  # noqa: F401  (vLLM's CPU setup)
-
     layer = torch.nn.Module()
     method.create_weights(layer, IN_FEATURES, [OUT_FEATURES], IN_FEATURES, OUT_FEATURES, weight.dtype,
                           weight_loader=lambda param, loaded: param.data.copy_(loaded))
@@ -45,6 +59,7 @@ def layers(dtype: torch.dtype, seed: int = 0) -> tuple:
 
     from superweights.compression.vllm_plugin import ProtectedLinearMethod
 
+    _one_rank()
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator, dtype=torch.float32) * 0.02
     weight[507, list(COLUMNS)] = torch.tensor([5.9, 6.1, -2.1])  # the super weights

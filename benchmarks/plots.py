@@ -96,3 +96,67 @@ def quantized_decode(ratios: dict[str, dict[int, float]], out_dir: Path, gpu: st
     """Decode speed against bf16, per model."""
     return bars(ratios, out_dir / "gpu8b_quant.png", f"decode speed against bf16, 8B-shaped, {gpu}", "x of bf16",
                 "streams")
+
+
+def front_ends(tok: dict[str, dict[int, list[float]]], share: dict[str, dict[int, list[float]]], goal: float,
+               out_dir: Path, title: str) -> str | None:
+    """Tok/s of every arm over the levels, each run a marker and a line through their mean, the offline engine as
+    the ceiling (left); each server arm's share of the offline engine, run N against run N, with the goal (right)."""
+    if not tok:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    xs = sorted({c for levels in tok.values() for c in levels if levels[c]})
+    runs = max(len(v) for levels in tok.values() for v in levels.values())
+    for ax, values, label in ((axes[0], tok, "output tokens/s"), (axes[1], share, "x offline (same run)")):
+        for arm, levels in values.items():
+            at = [c for c in xs if levels.get(c)]
+            line, = ax.plot(at, [sum(levels[c]) / len(levels[c]) for c in at], "k--" if arm == "offline" else "-",
+                            label=f"{arm} (ceiling)" if arm == "offline" else arm)
+            for run, marker in zip(range(runs), "oxs^"):
+                ax.plot([c for c in at if len(levels[c]) > run], [levels[c][run] for c in at if len(levels[c]) > run],
+                        marker, color=line.get_color(), linestyle="none")
+        for run, marker in zip(range(runs), "oxs^"):
+            ax.plot([], [], marker, color="grey", linestyle="none", label=f"run {run + 1}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(c) for c in xs])
+        ax.set_xlabel(STREAMS)
+        ax.set_title(f"{label}, {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].axhline(goal, color="grey", linestyle=":", label=f"goal {goal:g}x")
+    axes[1].set_ylim(bottom=min(goal, axes[1].get_ylim()[0]) - 0.01)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu8b_front_ends.png", dpi=110)
+    plt.close(fig)
+    return "gpu8b_front_ends.png"
+
+
+def quant_side_by_side(calls: dict[str, dict[str, dict[int, list[float]]]], out_dir: Path, gpu: str) -> str | None:
+    """Decode tok/s of every model of every call, one panel a call and stream count, a bar a run."""
+    streams = sorted({c for models in calls.values() for levels in models.values() for c in levels})
+    if not streams:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(calls), len(streams), figsize=(5.5 * len(streams), 3.2 * len(calls)), squeeze=False)
+    for row, (call, models) in zip(axes, calls.items()):
+        for ax, c in zip(row, streams):
+            names = [n for n in models if models[n].get(c)]
+            runs = max(len(models[n][c]) for n in names)
+            width = 0.8 / runs
+            for run in range(runs):
+                ax.bar([j + run * width for j in range(len(names))],
+                       [models[n][c][run] if len(models[n][c]) > run else 0.0 for n in names], width,
+                       label=f"run {run + 1}")
+            ax.set_xticks([j + width * (runs - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right",
+                          fontsize=7)
+            ax.set_ylabel("decode tok/s")
+            ax.set_title(f"{call}, {c} {STREAMS}, 8B-shaped, {gpu}", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu8b_quant_side_by_side.png", dpi=110)
+    plt.close(fig)
+    return "gpu8b_quant_side_by_side.png"

@@ -8,28 +8,45 @@ Reads, under benchmarks/: results.json (serving_default_model cpu), detection.js
 gpu_*.json (serving_default_model gpu), lora_scope_*.json (lora_scope), first_session_lora.json (an earlier
 measurement, noted by hand), artifacts_*.json (artifacts_through_engine), gpu8b_serving.json and
 gpu8b_serving_first.json (serving_side_by_side), ttft_135m.json (serving_side_by_side on the default model's
-architecture), gpu8b_lora.json and gpu8b_lora_first.json (lora_cost), gpu8b_quant_*.json (quantized_decode),
-gpu8b_tp.json (tensor_parallel).
+architecture), gpu8b_front_ends.json (serving_side_by_side with several front ends), gpu8b_lora.json and
+gpu8b_lora_first.json (lora_cost), gpu8b_quant_*.json (quantized_decode), gpu8b_quant_side_by_side_call*.json and
+profile_decode_*.txt (quantized_decode side by side with plain vLLM, one file a device call, and the torch
+profiler's tables it wrote), gpu8b_tp.json (tensor_parallel).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from benchmarks import plots
+from benchmarks.arms import front_ends_of
 from benchmarks.engine_metrics import POLL_INTERVAL_S
 from benchmarks.load import PROMPT_TOKENS
 from benchmarks.markdown import document, fill, paragraphs, table
 from benchmarks.model_8b import LLAMA3_8B
+from benchmarks.quantized_decode import variant
 from benchmarks.served_model import ENGINE_CONTEXT_SCHEDULER, SCHEDULER
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_PLOTS = "benchmarks/gpu"  # where BENCHMARKS.md finds the GPU plots
 OFFLINE_SHARE_GOAL, OFFLINE_GOAL_STREAMS = 0.95, 256  # ours: at least this share of the offline engine's tok/s
 W4A16_SPEEDUP_GOAL = 1.5  # w4a16 decode at batch 1, against bf16
-READ_BANDWIDTH_TB_S = {"H200": 4.8}  # HBM read bandwidth, for the quantized-decode arithmetic
+# HBM bandwidth, for the quantized-decode arithmetic; NVIDIA's datasheets: H200 SXM, and H100 SXM5 (80GB HBM3)
+READ_BANDWIDTH_TB_S = {"H200": 4.8, "H100 80GB HBM3": 3.35}
+FRONT_ENDS_OFFLINE_STREAMS = (256, 512)  # several front ends: at least OFFLINE_SHARE_GOAL of offline at these
+ITL_GOAL_STREAMS, ITL_STEP_GOAL_MS = 1, 0.2  # ours: ITL p50 within this of the offline engine's time per step
+FRONT_END_COUNTS = (1, 2, 4, 8)  # the front-end processes a side-by-side call is asked about
+GIVEN_OPTIONS = ("compilation_config",)  # engine options a call was given (--engine-option), not our server's own
+PLAIN_SHARE_GOAL = 0.97  # ours protected, LoRA on: at least this share of plain vLLM's decode tok/s, same scheme
+# side by side: decode tok/s against bf16 at SPEEDUP_GOAL_STREAMS, ours and plain vLLM's
+SPEEDUP_GOALS, SPEEDUP_GOAL_STREAMS = {"w4a16": 1.8, "fp8-dynamic": 1.5}, 1
+SIDE_BY_SIDE = "gpu8b_quant_side_by_side_call"  # its files: one a device call, numbered
+INT4_GEMM = "void cutlass::device_kernel<cutlass::gemm"  # Machete's GEMM (vLLM's int4 kernel on Hopper) in a profile
+BF16_BYTES = 2  # the LM head's weights; an int4 group's scale (symmetric: no zero point)
+PROFILE_TOP = 8  # kernels shown from a profile, by self CUDA time
 LORA_LABELS = {"off": "off", "all": "on, every module (vLLM's default)", "down_proj": "on, down_proj only (ours)"}
 AB_CALLS = {"one_generate": "one `Generate`", "compare_two_arms": "`CompareGenerations`, base + no_super_weights",
             "two_generates": "two sequential `Generate`"}
@@ -352,11 +369,15 @@ def artifacts_section(results: list[dict]) -> str:
 # -- the 8B-shaped model -----------------------------------------------------------------------------------------
 def gpu8b_lines(gpu: Path) -> list[str]:
     """BENCHMARKS.md's section on the 8B-shaped model, from whichever of its results exist, as lines."""
-    serving, lora, tp = (_json(gpu / f"gpu8b_{name}.json") for name in ("serving", "lora", "tp"))
-    quant = [json.loads(p.read_text()) for p in sorted(gpu.glob("gpu8b_quant_*.json"))]
-    if not (serving or lora or quant or tp):
+    serving, lora, tp, front_ends = (_json(gpu / f"gpu8b_{name}.json") for name in ("serving", "lora", "tp",
+                                                                                  "front_ends"))
+    quant = [json.loads(p.read_text()) for p in sorted(gpu.glob("gpu8b_quant_*.json"))
+             if not p.name.startswith(SIDE_BY_SIDE)]
+    side = {p.stem.removeprefix(SIDE_BY_SIDE): json.loads(p.read_text())
+            for p in sorted(gpu.glob(f"{SIDE_BY_SIDE}*.json"), key=lambda p: int(p.stem.removeprefix(SIDE_BY_SIDE)))}
+    if not (serving or lora or quant or tp or front_ends or side):
         return []
-    first = next(r for r in (serving, lora, *quant, tp) if r)
+    first = next(r for r in (serving, lora, *quant, tp, front_ends, *side.values()) if r)
     config = {**LLAMA3_8B, **next((r["config"] for r in (serving, *quant) if r and r.get("config")), {})}
     first_lora = _json(gpu / "gpu8b_lora_first.json")
     text = paragraphs(
@@ -368,10 +389,12 @@ def gpu8b_lines(gpu: Path) -> list[str]:
         serving_8b_section(serving, gpu) if serving else "",
         serving_8b_earlier(_json(gpu / "gpu8b_serving_first.json")),
         ttft_fix_section(_json(gpu / "ttft_135m.json"), [json.loads(p.read_text()) for p in sorted(gpu.glob("gpu_*.json"))]),
+        front_ends_section(front_ends, gpu),
         lora_8b_section(lora, gpu) if lora else fill("lora_8b_not_measured"),
         fill("lora_8b_earlier", date=first_lora["date"], table=lora_8b_table(first_lora),
              failures=_unfinished(first_lora["configs"], "config")) if first_lora else "",
         quant_8b_section(quant, gpu, config) if quant else fill("quant_8b_not_measured"),
+        quant_side_by_side_section(side, gpu),
         tp_section(tp))
     return document([text]).rstrip("\n").split("\n")
 
@@ -485,6 +508,163 @@ def ttft_fix_section(run: dict | None, gpu_runs: list[dict]) -> str:
                 ratios=fill("ttft_fix_ratios", levels=", ".join(ratios.values())) if ratios else "")
 
 
+# -- several front ends on one engine core -----------------------------------------------------------------------
+def _by_run(entries: list[dict], key: str, levels: str = "levels") -> dict[str, dict[tuple[int, int], dict]]:
+    """{entry[key]: {(streams, run): level}} of the entries that measured something, in their order."""
+    return {e[key]: {(lv["concurrency"], lv.get("run", 1)): lv for lv in e[levels]} for e in entries if e.get(levels)}
+
+
+def _and(items: list) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = [str(i) for i in items]
+    return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
+
+
+def _at_levels(values: dict[int, str]) -> str:
+    """'0.988 at 256 and 0.997 at 512'."""
+    return _and([fill("at_level", value=v, level=c) for c, v in values.items()])
+
+
+def _runs_verdict(ok: dict[int, bool]) -> str:
+    """met / not met / met in run 1, not in run 2."""
+    if all(ok.values()):
+        return fill("met")
+    if not any(ok.values()):
+        return fill("not_met")
+    return fill("met_in_runs", met=_and([r for r, v in ok.items() if v]), missed=_and([r for r, v in ok.items() if not v]))
+
+
+def _shell_options(options: dict) -> list[str]:
+    """The --engine-option arguments that give `options`, quoted for the shell."""
+    return [f"--engine-option '{k}={json.dumps(v, separators=(',', ':'))}'" for k, v in options.items()]
+
+
+def _tokenizer_dir(config: dict) -> str:
+    """The directory whose tokenizer benchmarks.model_8b gave the model, from the name it wrote into config.json."""
+    match = re.search(r"\((.+) tokenizer\)", config.get("_name_or_path", ""))
+    return match.group(1) if match else "TOKENIZER_DIR"
+
+
+def front_ends_section(run: dict | None, gpu: Path) -> str:
+    """Several front-end processes on one engine core (ARM@N), each level run more than once, every run shown."""
+    if not run:
+        return ""
+    runs = _by_run(run["arms"], "arm")
+    measured = [a for a in run["arms"] if a.get("levels")]
+    servers = {a["arm"]: front_ends_of(a["arm"]) for a in run["arms"] if a["arm"] != "offline"}
+    offline = runs.get("offline", {})
+    streams = sorted({c for levels in runs.values() for c, _ in levels})
+    repeat = max(r for levels in runs.values() for _, r in levels)
+    first = runs[measured[0]["arm"]]
+    per_stream = {c: first[(c, 1)]["requests"] // c for c in streams if (c, 1) in first}
+    client_processes = _distinct([a for a in measured if "client_processes" in a], "client_processes")
+    options = next((a["engine_options"] for a in measured if a.get("engine_options")), {})
+    flags = [["--arms", *(a["arm"] for a in run["arms"])], ["--levels", *map(str, run["levels"]), "--repeat", str(repeat),
+             "--client-processes", client_processes, "--budget-s", f"{run['budget_s']:g}"],
+             _shell_options(run["model"]["extra"])]
+    pairs = [(mine, other) for mine, (name, n) in servers.items() for other, (theirs, m) in servers.items()
+             if name == "ours" and theirs == "vllm-openai" and n == m and mine in runs and other in runs]
+    tables = [fill("front_ends_level", streams=c, table=table(
+        ["arm", "run", "tok/s", "x offline", "TTFT p50 ms", "ITL p50 ms", "front-end CPU s / 1k tok", "tokens / message"],
+        ([arm, str(r), f"{lv['tokens_per_s']:,.0f}",
+          f"{_ratio(lv, offline[(c, r)], 'tokens_per_s'):.2f}" if (c, r) in offline else "-",
+          _ms(lv.get("ttft_p50_ms")), _ms(lv.get("itl_p50_ms"), ".2f"), _ms(lv.get("frontend_cpu_s_per_1k_tokens"), ".3f"),
+          _ms(lv.get("tokens_per_message"), ".3f")] for arm, levels in runs.items()
+         for (s, r), lv in sorted(levels.items()) if s == c), "lr" + "r" * 6)) for c in streams]
+    ratios = [fill("front_ends_ratios", mine=mine, other=other, table=table(
+        ["streams", "run", "tok/s", "TTFT p50", "ITL p50", "front-end CPU per token"],
+        ([str(c), str(r), *(f"{_ratio(lv, runs[other][(c, r)], k):.3f}" if lv.get(k) and runs[other][(c, r)].get(k)
+                            else "-" for k in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms",
+                                               "frontend_cpu_s_per_1k_tokens"))]
+         for (c, r), lv in sorted(runs[mine].items()) if (c, r) in runs[other]), "rrrrrr"))
+        for mine, other in pairs]
+    counts = {servers[a["arm"]][1] for a in measured if a["arm"] in servers}
+    skipped = [a["arm"] for a in run["arms"] if a.get("skipped") and a["arm"] in servers
+               and servers[a["arm"]][1] not in counts]
+    absent = [n for n in FRONT_END_COUNTS if n not in {n for _, n in servers.values()}]
+    not_run = [fill("ids_not_run")] if not any(name == "ours-ids" for name, _ in servers.values()) else []
+    not_run += [fill("counts_not_run", counts=_and(absent))] if absent else []
+    png = plots.front_ends({arm: {c: [lv["tokens_per_s"] for (s, _), lv in sorted(levels.items()) if s == c]
+                                  for c in streams} for arm, levels in runs.items()},
+                           {arm: {c: [_ratio(lv, offline[(s, r)], "tokens_per_s") for (s, r), lv in sorted(levels.items())
+                                      if s == c and (s, r) in offline] for c in streams}
+                            for arm, levels in runs.items() if arm != "offline"},
+                           OFFLINE_SHARE_GOAL, gpu, f"8B-shaped, bf16, {_short(run['gpu'])}")
+    return fill("front_ends", date=run["date"], gpu=run["gpu"], vllm=run["vllm"], torch=run["torch"],
+                arms=", ".join(f"`{a['arm']}`" for a in run["arms"]), tokens=run["tokens"],
+                prompt_tokens=run["prompt_tokens"], per_client=_per_stream(per_stream), repeat=repeat,
+                client_processes=client_processes, options=json.dumps(options), vocab=f"{run['config']['vocab_size']:,}",
+                tokenizer=_tokenizer_dir(run["config"]), model=run["model"]["path"],
+                args=" \\\n#     ".join(" ".join(f) for f in flags if f),
+                commands="\n".join(fill("front_ends_command", arm=a["arm"], command=a["command"])
+                                   for a in measured if a.get("command")),
+                failures=_unfinished(run["arms"], "arm"),
+                skipped=fill("front_ends_skipped", arms=_and([f"`{a}`" for a in skipped]), client_processes=client_processes,
+                             counts=_and(sorted({servers[a][1] for a in skipped}))) if skipped else "",
+                not_run=fill("front_ends_not_run", what=_and(not_run)) if not_run else "",
+                levels=paragraphs(*tables), ratios=paragraphs(*ratios),
+                spread=_run_spread(runs) if repeat > 1 else "",
+                goals=front_end_goals(runs, servers, pairs, run["tokens"]), plot=_plot(png))
+
+
+def _run_spread(runs: dict[str, dict[tuple[int, int], dict]]) -> str:
+    """How far apart two runs of one arm at one level are, at the most: the noise the verdicts sit in."""
+    found = {}
+    for key, what in (("tokens_per_s", "tok/s"), ("ttft_p50_ms", "TTFT p50")):
+        values = {(arm, c): [lv[key] for (s, _), lv in levels.items() if s == c and lv.get(key)]
+                  for arm, levels in runs.items() for c, _ in levels}
+        found[what] = max((((max(v) - min(v)) / (sum(v) / len(v)), arm, c) for (arm, c), v in values.items()
+                           if len(v) > 1), default=None)
+    return fill("front_ends_spread", spreads=_and([fill("spread_of", what=what, share=f"{100 * s:.0f}", arm=arm,
+                                                        streams=c) for what, (s, arm, c) in
+                                                   ((w, f) for w, f in found.items() if f)]))
+
+
+def front_end_goals(runs: dict[str, dict[tuple[int, int], dict]], servers: dict[str, tuple[str, int]],
+                    pairs: list[tuple[str, str]], tokens: int) -> str:
+    """Our front ends' goals, run by run: a share of the offline engine at the top levels, vLLM's OpenAI server
+    with as many front ends at every level, and ITL at one stream against the offline engine's step."""
+    offline, goals = runs.get("offline", {}), []
+    run_ids = sorted({r for levels in runs.values() for _, r in levels})
+    for arm in (a for a, (name, _) in servers.items() if name == "ours" and a in runs):
+        ours = runs[arm]
+        shares = {r: {c: _ratio(ours[(c, r)], offline[(c, r)], "tokens_per_s") for c in FRONT_ENDS_OFFLINE_STREAMS
+                      if (c, r) in ours and (c, r) in offline} for r in run_ids}
+        if any(shares.values()):
+            goals.append(fill("goal_offline_share", arm=arm, share=f"{OFFLINE_SHARE_GOAL:g}",
+                              levels=_and(FRONT_ENDS_OFFLINE_STREAMS), runs="; ".join(
+                fill("run_values", run=r, values=_at_levels({c: f"{v:.3f}" for c, v in s.items()}),
+                     verdict=fill("met") if all(v >= OFFLINE_SHARE_GOAL for v in s.values()) else fill("not_met"))
+                for r, s in shares.items() if s)))
+        for mine, other in (p for p in pairs if p[0] == arm):
+            verdicts = []
+            for r in run_ids:
+                common = sorted(c for c, run in ours if run == r and (c, r) in runs[other])
+                if not common:
+                    continue
+                tok = {c: _ratio(ours[(c, r)], runs[other][(c, r)], "tokens_per_s") for c in common}
+                ttft = {c: _ratio(ours[(c, r)], runs[other][(c, r)], "ttft_p50_ms") for c in common}
+                low, slow = {c: v for c, v in tok.items() if v < 1}, {c: v for c, v in ttft.items() if v > 1}
+                missed = [fill("tok_below", levels=_at_levels({c: f"{v:.3f}x" for c, v in low.items()}))] if low else []
+                missed += [fill("ttft_above", levels=_at_levels({c: f"{v:.3f}x" for c, v in slow.items()}))] if slow else []
+                verdicts.append(fill("run_verdict", run=r, verdict=fill("not_met_because", why="; ".join(missed))
+                                     if missed else fill("met")))
+            if verdicts:
+                goals.append(fill("goal_same_front_ends", arm=mine, other=other, runs="; ".join(verdicts)))
+        itl = {r: (ours[(ITL_GOAL_STREAMS, r)]["itl_p50_ms"],
+                   1000 * offline[(ITL_GOAL_STREAMS, r)]["batch_seconds_median"] / tokens) for r in run_ids
+               if (ITL_GOAL_STREAMS, r) in ours and (ITL_GOAL_STREAMS, r) in offline
+               and ours[(ITL_GOAL_STREAMS, r)].get("itl_p50_ms") is not None}
+        if itl:
+            goals.append(fill("goal_itl_step", arm=arm, streams=ITL_GOAL_STREAMS, tolerance=f"{ITL_STEP_GOAL_MS:g}",
+                              tokens=tokens, runs="; ".join(
+                fill("run_values", run=r, values=fill("itl_against_step", itl=f"{a:.2f}", step=f"{b:.2f}",
+                                                      apart=f"{abs(a - b):.2f}"),
+                     verdict=fill("met") if abs(a - b) <= ITL_STEP_GOAL_MS else fill("not_met"))
+                for r, (a, b) in itl.items())))
+    return fill("front_ends_goals", goals="\n".join(goals)) if goals else ""
+
+
 def _lora_configs(run: dict) -> tuple[dict[str, dict], dict[int, float]]:
     """The configurations that measured base traffic, and LoRA off's tok/s by batch."""
     configs = {c["config"]: c for c in run["configs"] if c.get("base")}
@@ -569,6 +749,257 @@ def llama_parameters(config: dict) -> int:
     layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
     heads = 1 if config.get("tie_word_embeddings") else 2
     return n * layer + heads * config["vocab_size"] * h + h
+
+
+# -- quantized decode side by side with plain vLLM ---------------------------------------------------------------
+def _reference(name: str, models: dict) -> str:
+    """The bf16 a model is held against in its call: LoRA off against bf16-nolora where the call has it."""
+    _, _, lora = variant(name)
+    return "bf16-nolora" if not lora and name != "bf16-nolora" and "bf16-nolora" in models else "bf16"
+
+
+def _plain(name: str, models: dict) -> str | None:
+    """plain-S of ours S or S-nolora, where the same call measured it."""
+    scheme, ours, _ = variant(name)
+    return f"plain-{scheme}" if scheme and ours and f"plain-{scheme}" in models else None
+
+
+def _run_ratios(mine: dict[tuple[int, int], dict], theirs: dict[tuple[int, int], dict], streams: int) -> dict[int, float]:
+    """{run: mine / theirs tok/s} at `streams`, run N against run N."""
+    return {r: _ratio(lv, theirs[(c, r)], "tokens_per_s") for (c, r), lv in sorted(mine.items())
+            if c == streams and (c, r) in theirs}
+
+
+def _slash(values: dict[int, float]) -> str:
+    """'1.58 / 1.61': run 1 / run 2."""
+    return " / ".join(f"{v:.2f}" for v in values.values()) or "-"
+
+
+def quant_side_table(models: dict[str, dict[tuple[int, int], dict]], streams: list[int]) -> str:
+    rows = []
+    for name, levels in models.items():
+        reference, plain = _reference(name, models), _plain(name, models)
+        rows.append([f"`{name}`", *(" / ".join(f"{lv['tokens_per_s']:,.0f}" for (c, _), lv in sorted(levels.items())
+                                              if c == s) for s in streams), f"`{reference}`",
+                     *(_slash(_run_ratios(levels, models[reference], s)) if reference in models else "-"
+                       for s in streams),
+                     *(_slash(_run_ratios(levels, models[plain], s)) if plain else "-" for s in streams)])
+    return table(["model", *(f"tok/s, {s} streams" for s in streams), "against", *(f"x, {s} streams" for s in streams),
+                  *(f"ours / plain, {s} streams" for s in streams)], rows, "l" + "r" * len(streams) + "l"
+                 + "r" * 2 * len(streams))
+
+
+def quant_side_by_side_section(calls: dict[str, dict], gpu: Path) -> str:
+    """Ours (protected, with and without LoRA) against plain vLLM of the same scheme, decode tok/s, each device
+    call on its own, and the torch profiler's decode steps of a pair."""
+    if not calls:
+        return ""
+    runs = list(calls.values())
+    models = {label: _by_run(run["models"], "model", "decode") for label, run in calls.items()}
+    streams = sorted({c for by in models.values() for levels in by.values() for c, _ in levels})
+    sections, commands = [], []
+    for label, run in calls.items():
+        entries = run["models"]
+        measured = [e for e in entries if e.get("decode")]
+        repeat = max(lv.get("run", 1) for e in measured for lv in e["decode"])
+        options = {k: measured[0]["engine_options"][k] for k in GIVEN_OPTIONS if k in measured[0]["engine_options"]}
+        profiled = [e["model"] for e in entries if e.get("profile")]
+        names = [e["model"] for e in entries]
+        flags = [["--config-only"] if run["planted"] is None else [], ["--repeat", str(repeat)] if repeat > 1 else [],
+                 ["--profile", *profiled] if profiled else []]
+        commands.append(fill("quant_side_call_command", args=" ".join(w for f in flags for w in f),
+                             options=" ".join(_shell_options(options)), models=" ".join(names),
+                             result=f"gpu8b_quant_{'_'.join(names)}.json", file=f"{SIDE_BY_SIDE}{label}.json"))
+        commands += [fill("quant_side_profile_copy", directory=Path(e["profile"]["directory"]).name, model=e["model"])
+                     for e in entries if e.get("profile")]
+        sections.append(fill("quant_side_call", call=label, date=run["date"], models=", ".join(f"`{n}`" for n in names),
+                             table=quant_side_table(models[label], streams), failures=_unfinished(entries, "model")))
+    png = plots.quant_side_by_side({fill("call_label", call=label): {name: {c: [lv["tokens_per_s"] for (s, _), lv in
+                                                                             sorted(levels.items()) if s == c]
+                                                                         for c in streams}
+                                                                  for name, levels in by.items()}
+                                    for label, by in models.items()}, gpu, _short(runs[0]["gpu"]))
+    config = {**LLAMA3_8B, **runs[0]["config"]}
+    profiles = {e["model"]: (e["profile"]["steps"], profile_rows(gpu / f"profile_decode_{e['model']}.txt"))
+                for run in runs for e in run["models"] if e.get("profile")
+                and (gpu / f"profile_decode_{e['model']}.txt").is_file()}
+    return fill("quant_side", gpu=_distinct(runs, "gpu"), vllm=_distinct(runs, "vllm"), torch=_distinct(runs, "torch"),
+                date=_distinct(runs, "date"), calls=len(calls), weights=_distinct(runs, "weights"),
+                tokens=_distinct(runs, "tokens"), rounds=_per_stream(runs[0]["rounds"]),
+                commands="\n".join(commands),
+                sections=paragraphs(*sections), goals=quant_side_goals(models, streams),
+                profile=paragraphs(*(profile_section(name, f"plain-{variant(name)[0]}", profiles, config,
+                                                     _short(runs[0]["gpu"]))
+                                     for name in profiles if variant(name)[1] and variant(name)[0]
+                                     and f"plain-{variant(name)[0]}" in profiles)), plot=_plot(png))
+
+
+def quant_side_goals(calls: dict[str, dict[str, dict[tuple[int, int], dict]]], streams: list[int]) -> str:
+    """Ours protected against plain vLLM of the same scheme (within a call), and the batch-1 speed-ups against bf16,
+    ours and plain vLLM's, run by run."""
+    schemes = list(dict.fromkeys(variant(n)[0] for by in calls.values() for n in by if variant(n)[0]))
+    where = {}  # the first call that measured each model
+    for label, by in calls.items():
+        for name in by:
+            where.setdefault(name, label)
+    goals = []
+    for scheme in schemes:
+        plain = f"plain-{scheme}"
+        same = next((label for label, by in calls.items() if scheme in by and plain in by), None)
+        if same:
+            by = calls[same]
+            ratios = {s: _run_ratios(by[scheme], by[plain], s) for s in streams}
+            run_ids = sorted({r for v in ratios.values() for r in v})
+            ok = {r: all(v[r] >= PLAIN_SHARE_GOAL for v in ratios.values() if r in v) for r in run_ids}
+            goals.append(fill("goal_plain_share", ours=scheme, plain=plain, call=same, share=f"{PLAIN_SHARE_GOAL:g}",
+                              streams=_and(streams), values=_at_levels({s: _slash(v) for s, v in ratios.items()}),
+                              verdict=_runs_verdict(ok)))
+        elif scheme in where and plain in where:
+            goals.append(fill("goal_plain_other_calls", ours=scheme, plain=plain, share=f"{PLAIN_SHARE_GOAL:g}",
+                              values="; ".join(_against_own(name, calls[where[name]], where[name], streams)
+                                               for name in (scheme, plain))))
+    for scheme, goal in SPEEDUP_GOALS.items():
+        found = {}
+        for name in (scheme, f"plain-{scheme}"):
+            if name in where:
+                by = calls[where[name]]
+                ratios = _run_ratios(by[name], by[_reference(name, by)], SPEEDUP_GOAL_STREAMS)
+                found[name] = fill("speedup_of", name=name, call=where[name], values=_slash(ratios),
+                                   reference=_reference(name, by),
+                                   verdict=_runs_verdict({r: v >= goal for r, v in ratios.items()}))
+        if scheme in found:
+            plain = found.get(f"plain-{scheme}")
+            goals.append(fill("goal_speedup", scheme=scheme, goal=f"{goal:g}", streams=SPEEDUP_GOAL_STREAMS,
+                              ours=found[scheme], plain=fill("goal_speedup_plain", plain=plain) if plain else ""))
+    return fill("quant_side_goals", goals="\n".join(goals)) if goals else ""
+
+
+def _against_own(name: str, by: dict[str, dict[tuple[int, int], dict]], call: str, streams: list[int]) -> str:
+    """'`fp8-dynamic` (call 2): 1.48 / 1.48 at 1 and ... x its call's `bf16`'."""
+    reference = _reference(name, by)
+    return fill("against_own", name=name, call=call, reference=reference, values=_at_levels(
+        {s: _slash(_run_ratios(by[name], by[reference], s)) for s in streams}))
+
+
+PROFILE_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}  # the profiler's time units, in ms
+STEP_ROW = re.compile(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")  # vLLM's annotation of a step
+
+
+def profile_rows(path: Path) -> list[dict]:
+    """The rows of a torch profiler key_averages table as vLLM writes it: name, self CPU and self CUDA (ms), calls."""
+    lines = path.read_text().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("---")]
+    header = re.split(r"\s{2,}", lines[rules[0] + 1].strip())
+    rows = []
+    for line in lines[rules[1] + 1:rules[2]]:
+        name, *values = line.rsplit(None, len(header) - 1)
+        cells = dict(zip(header[1:], values))
+        rows.append({"name": name.strip(), "calls": int(cells["# of Calls"]),
+                     **{key: float(number) * PROFILE_UNITS[unit] for key, column in
+                        (("self_cpu_ms", "Self CPU"), ("self_cuda_ms", "Self CUDA"))
+                        for number, unit in [re.fullmatch(r"([\d.]+)([a-z]+)", cells[column]).groups()]}})
+    return rows
+
+
+def _gpu_rows(rows: list[dict]) -> list[dict]:
+    """Kernels, memsets and copies: rows with GPU time and no CPU time, vLLM's step annotations left out."""
+    return [r for r in rows if r["self_cpu_ms"] == 0 and r["self_cuda_ms"] > 0 and not STEP_ROW.fullmatch(r["name"])]
+
+
+def _step_rows(rows: list[dict]) -> tuple[dict, dict | None]:
+    """(the decode steps' row, the prefill's), each the row of its name with the GPU time."""
+    steps = {}
+    for r in rows:
+        if STEP_ROW.fullmatch(r["name"]) and r["self_cuda_ms"] > steps.get(r["name"], {}).get("self_cuda_ms", -1):
+            steps[r["name"]] = r
+    decode = next(r for n, r in steps.items() if STEP_ROW.fullmatch(n).group(1) == "0")
+    return decode, next((r for n, r in steps.items() if STEP_ROW.fullmatch(n).group(1) != "0"), None)
+
+
+def _row_keys(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """The rows by (name, rank among the rows of that name by calls): the profiler cuts long names, so two kernels
+    may share one; the same kernel of two profiles gets the same key."""
+    keys = {}
+    for r in sorted(rows, key=lambda r: -r["calls"]):
+        keys[(r["name"], sum(name == r["name"] for name, _ in keys))] = r
+    return keys
+
+
+def _us_step(row: dict, steps: int) -> str:
+    return f"{1000 * row['self_cuda_ms'] / steps:.1f}"
+
+
+def _only_in(mine: list[dict], theirs: list[dict], steps: int) -> str:
+    """The GPU rows of `mine` whose names `theirs` lacks that ran every step, with their time a step; and how many
+    more ran less often."""
+    names = {r["name"] for r in theirs}
+    only = [r for r in mine if r["name"] not in names]
+    every = [fill("kernel_step", name=r["name"], us=_us_step(r, steps), calls=f"{r['calls'] / steps:g}")
+             for r in only if r["calls"] >= steps]
+    rare = [r for r in only if r["calls"] < steps]
+    if rare:
+        every.append(fill("kernels_rare", count=len(rare), steps=steps,
+                          us=f"{sum(1000 * r['self_cuda_ms'] for r in rare) / steps:.1f}"))
+    return "; ".join(every)
+
+
+def profile_section(ours: str, plain: str, profiles: dict[str, tuple[int, list[dict]]], config: dict,
+                    gpu: str) -> str:
+    """Where a decode step of ours and plain vLLM of one scheme goes, and what limits the int4 GEMM: its time a
+    step against the bytes of the int4 weights it reads (arithmetic on the profile)."""
+    from superweights.compression.schemes import fit_to_model, get_scheme
+
+    steps, rows = profiles[plain][0], {name: profiles[name][1] for name in (plain, ours)}
+    gpu_rows = {name: _gpu_rows(r) for name, r in rows.items()}
+    decode, prefill = zip(*(_step_rows(r) for r in rows.values()))
+    by_key = {name: _row_keys(gpu_rows[name]) for name in (plain, ours)}
+    top = list(dict.fromkeys(key for name in (plain, ours) for key, _ in
+                             sorted(by_key[name].items(), key=lambda kv: -kv[1]["self_cuda_ms"])[:PROFILE_TOP]))
+    kernels = table(["GPU row", *(f"`{n}` {what}" for n in (plain, ours) for what in ("µs a step", "calls a step"))],
+                    ([f"`{key[0]}`", *(cell for n in (plain, ours) for cell in
+                                       ((_us_step(by_key[n][key], steps), f"{by_key[n][key]['calls'] / steps:g}")
+                                        if key in by_key[n] else ("-", "-")))] for key in top), "lrrrr")
+    graphs = {n: sum(r["calls"] for r in rows[n] if r["name"] == "cudaGraphLaunch") for n in (plain, ours)}
+    mm = {n: next(r for r in rows[n] if r["name"] == "aten::mm" and r["calls"] == steps) for n in (plain, ours)}
+    lm_kernel = next(r for r in gpu_rows[plain] if r["calls"] == steps and r["self_cuda_ms"] == mm[plain]["self_cuda_ms"])
+    bandwidth = READ_BANDWIDTH_TB_S.get(gpu)
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    weights = n * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    scheme = fit_to_model(get_scheme(variant(ours)[0]), [h, i]).weights
+    int4_bytes = weights * scheme.bits / 8 + weights / scheme.group_size * BF16_BYTES
+    lm_bytes = config["vocab_size"] * h * BF16_BYTES
+    gemm = {name: [r for r in gpu_rows[name] if r["name"].startswith(INT4_GEMM)] for name in (plain, ours)}
+    gemm_ms = {name: sum(r["self_cuda_ms"] for r in g) / steps for name, g in gemm.items()}
+    gemm_calls = sum(r["calls"] for r in gemm[plain]) / steps
+    lm_ms = mm[plain]["self_cuda_ms"] / steps
+    tb_s = {"gemm": int4_bytes / (gemm_ms[plain] * 1e-3) / 1e12, "lm": lm_bytes / (lm_ms * 1e-3) / 1e12}
+    step_ms = {name: r["self_cuda_ms"] / r["calls"] for name, r in zip((plain, ours), decode)}
+    return fill("quant_profile", steps=steps, plain=plain, ours=ours, decode_row=decode[0]["name"],
+                decode_calls=decode[0]["calls"],
+                prefill=fill("profile_prefill", row=prefill[0]["name"], calls=prefill[0]["calls"],
+                             tokens=STEP_ROW.fullmatch(prefill[0]["name"]).group(2)) if prefill[0] else "",
+                plain_step=f"{step_ms[plain]:.3f}", ours_step=f"{step_ms[ours]:.3f}",
+                delta=f"{step_ms[ours] - step_ms[plain]:+.3f}", delta_share=f"{100 * (step_ms[ours] / step_ms[plain] - 1):+.1f}",
+                plain_total=f"{sum(r['self_cuda_ms'] for r in gpu_rows[plain]) / steps:.3f}",
+                ours_total=f"{sum(r['self_cuda_ms'] for r in gpu_rows[ours]) / steps:.3f}",
+                plain_graphs=graphs[plain], ours_graphs=graphs[ours], top=PROFILE_TOP, table=kernels,
+                ours_only=_only_in(gpu_rows[ours], gpu_rows[plain], steps),
+                plain_only=_only_in(gpu_rows[plain], gpu_rows[ours], steps),
+                lm_kernel=lm_kernel["name"], lm_us=f"{1000 * lm_ms:.1f}", ours_lm_us=_us_step(mm[ours], steps),
+                vocab=f"{config['vocab_size']:,}", hidden=h, lm_gb=f"{lm_bytes / 1e9:.3f}",
+                lm_tb=f"{tb_s['lm']:.2f}", gemm=INT4_GEMM, gemm_calls=f"{gemm_calls:g}", per_layer=f"{gemm_calls / n:g}",
+                layers=n, plain_gemm=f"{gemm_ms[plain]:.3f}", ours_gemm=f"{gemm_ms[ours]:.3f}",
+                intermediate=i, heads=config["num_attention_heads"], kv_heads=config["num_key_value_heads"],
+                head_dim=q // config["num_attention_heads"], weights=f"{weights:,}", bits=scheme.bits,
+                group=scheme.group_size, bf16_bytes=BF16_BYTES, int4_gb=f"{int4_bytes / 1e9:.3f}",
+                gemm_tb=f"{tb_s['gemm']:.2f}",
+                datasheet=fill("profile_datasheet", gpu=gpu, bandwidth=f"{bandwidth:g}",
+                               gemm_share=f"{100 * tb_s['gemm'] / bandwidth:.0f}",
+                               lm_share=f"{100 * tb_s['lm'] / bandwidth:.0f}",
+                               ideal=f"{int4_bytes / (bandwidth * 1e12) * 1e3:.3f}", gemm_ms=f"{gemm_ms[plain]:.3f}",
+                               ours=ours) if bandwidth else "")
 
 
 def tp_section(run: dict | None) -> str:

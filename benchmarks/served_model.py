@@ -51,7 +51,8 @@ def shared_options(config, report, lora: bool = True) -> dict:
     from superweights.server.engine import engine_args
 
     args = engine_args(config, report)
-    options = {k: getattr(args, k) for k in (*SHARED, *config.engine_options) if getattr(args, k) is not None}
+    # the given options as given (vLLM turns a dict such as compilation_config into its config object)
+    options = {**{k: getattr(args, k) for k in SHARED if getattr(args, k) is not None}, **config.engine_options}
     return options if lora else {k: v for k, v in options.items() if k not in LORA_KEYS}
 
 

@@ -25,6 +25,7 @@ import psutil
 
 from .common import (
     adapter_files,
+    add_front_ends_option,
     campaign,
     channel,
     code_name,
@@ -263,12 +264,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: the client process that gets killed
+    add_front_ends_option(parser)
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))
         return 0
     result = campaign("cancel", ["--canary-interval", "0"],
-                      lambda server: run_storm(server, args.calls, args.seed, args.workers, progress=True))
+                      lambda server: run_storm(server, args.calls, args.seed, args.workers, progress=True),
+                      front_ends=args.front_ends)
     held = result["last_cancel_to_idle_seconds"] <= 1 and result["golden_unchanged"]
     return 0 if held and result["asyncio_tasks_back_to_idle"] else 1
 

@@ -281,6 +281,11 @@ def adapter_dir_holding(variant: str) -> Path | None:
 
 
 # -- results ---------------------------------------------------------------------------------------------------
+def add_front_ends_option(parser) -> None:
+    parser.add_argument("--front-ends", type=int, default=1, help="the server's front-end processes on its one "
+                        "engine core; results go to results/<campaign>-<N>fe.json (%(default)s)")
+
+
 def write_result(name: str, data: dict) -> Path:
     """reliability/results/<name>.json with the date, the command and the machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -288,7 +293,7 @@ def write_result(name: str, data: dict) -> Path:
     commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                             cwd=REPO, check=False)
     record = {"campaign": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m " + " ".join([f"reliability.{name}", *sys.argv[1:]]),
+              "command": "python -m " + " ".join([f"reliability.{name.split('-')[0]}", *sys.argv[1:]]),
               "commit": commit.stdout.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB", **data}
     path = RESULTS / f"{name}.json"
@@ -297,8 +302,11 @@ def write_result(name: str, data: dict) -> Path:
 
 
 def campaign(name: str, flags: Sequence[str], measure: Callable[[Server], dict],
-             finish: Callable[[dict], None] | None = None, **server_options) -> dict:
-    """Start a server with `flags`, measure it, stop it, `finish` the result, write results/<name>.json."""
+             finish: Callable[[dict], None] | None = None, front_ends: int = 1, **server_options) -> dict:
+    """Start a server with `flags`, measure it, stop it, `finish` the result, write results/<name>.json; with
+    several front ends (--front-ends) results/<name>-<N>fe.json."""
+    if front_ends > 1:
+        flags, name = [*flags, "--front-ends", str(front_ends)], f"{name}-{front_ends}fe"
     result: dict = {"server_flags": list(flags)}
     with served(LOGS / f"{name}-server.log", *flags, **server_options) as server:
         result["server_start_seconds"] = round(server.start_seconds, 1)

@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 from .common import (
     METHODS,
     SERVICE_DESCRIPTOR,
+    add_front_ends_option,
     campaign,
     channel,
     code_name,
@@ -571,9 +572,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
+    add_front_ends_option(parser)
     args = parser.parse_args()
     result = campaign("fuzz", ["--canary-interval", "0"],
-                      lambda server: run_fuzz(server, args.requests, args.seed, args.workers, progress=True))
+                      lambda server: run_fuzz(server, args.requests, args.seed, args.workers, progress=True),
+                      front_ends=args.front_ends)
     return 0 if result["failures"] == 0 and result["golden_unchanged"] else 1
 
 

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 import grpc
 
 from .common import (
+    add_front_ends_option,
     asyncio_tasks,
     campaign,
     channel,
@@ -187,9 +188,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    add_front_ends_option(parser)
     args = parser.parse_args()
     result = campaign("load", SERVER_LIMITS, lambda server: run_load(server, args.clients, args.seconds, args.seed),
-                      kv_cache_gib=2)
+                      front_ends=args.front_ends, kv_cache_gib=2)
     bad = set(result["codes"]) - {"OK", "RESOURCE_EXHAUSTED"}
     return 1 if bad or not result["golden_unchanged"] or not result["asyncio_tasks_back_to_idle"] else 0
 

@@ -211,9 +211,16 @@ def render() -> str:
         if r is None:
             lines += [f"## {name}: not run yet", ""]
             continue
-        if name == "load":
-            plot_load(r, RESULTS / "load.png")
-        lines += SECTIONS[name](r)
+        for variant in (name, *sorted(p.stem for p in RESULTS.glob(f"{name}-*fe.json"))):
+            r = _load(variant)
+            if name == "load":
+                plot_load(r, RESULTS / f"{variant}.png")
+            section = SECTIONS[name](r)
+            if variant != name:  # the same campaign on a server of several front ends
+                front_ends = variant.rsplit("-", 1)[1].removesuffix("fe")
+                section[0] = f"{section[0]}, {front_ends} front ends"
+                section = [line.replace("results/load.png", f"results/{variant}.png") for line in section]
+            lines += section
     return "\n".join(lines)
 
 

@@ -176,11 +176,21 @@ class VariantRegistry:
         spec = scaled_spec(self.report, alpha)
         async with self._exclusive():
             if not (self.root / spec.name / ADAPTER_FILES[0]).is_file():
+                self._refuse_colliding_id(spec.name)
                 await self._make_room(remove_lora)
                 await asyncio.to_thread(write_adapter, self.report, self.root / spec.name, alpha=alpha,
                                         weights=list(spec.weights), base_model=self.base_model)
             self._hold(spec.name)
         return self._scaled_variant(spec)
+
+    def _refuse_colliding_id(self, name: str) -> None:
+        """Two scaled arms whose names hash to one LoRA id would share an adapter in the engine: refuse the new one
+        (about one alpha in 10^8 among the arms loaded at once)."""
+        taken = {lora_id(p.name, self._fixed_names): p.name for p in self._scaled_dirs()}
+        other = taken.get(lora_id(name, self._fixed_names))
+        if other is not None:
+            raise VariantsBusyError(f"{name}'s adapter would take the LoRA id of the loaded {other}; use a slightly "
+                                    f"different alpha, or retry once {other} has been unloaded")
 
     async def hold(self, variant: Variant) -> None:
         """Keep a scaled arm from eviction while a request uses it (fixed arms need none)."""

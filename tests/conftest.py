@@ -109,25 +109,15 @@ def serving(running: dict[str, common.Server]):
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory, default_detection) -> Path:
-    """The default model's protected W8A8 artifact, written by `superweights compress`."""
-    directory = tmp_path_factory.mktemp("artifact") / "smollm2-w8a8"
-    done = run_cli("-q", "compress", "--scheme", "w8a8", "-o", str(directory), timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "w8a8 protected" in done.stdout
-    return directory
-
-
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory, default_detection, artifact):
-    """Two real servers: "auth" on the default model (one process; bearer tokens, plaintext, reflection; an engine
-    core SIGKILL ends it, last) and "tls" on its W8A8 artifact (two front ends on one engine core, each with half of
-    --max-concurrent 4 and --max-queue 4; mutual TLS: reliability.certs' CA, server and client certificates, and a
-    rogue client; no auth, no reflection, no canary, at most 2 scaled variants, a 60 s grace; test_reliability's
-    SIGTERM test ends it). `default_detection` first, so that both start from the verified report it cached."""
+def servers(tmp_path_factory, default_detection):
+    """Two real servers on the default model: "auth" (one process; bearer tokens, plaintext, reflection; an engine
+    core SIGKILL ends it, last) and "tls" (two front ends on one engine core, each with half of --max-concurrent 4
+    and --max-queue 4; mutual TLS: reliability.certs' CA, server and client certificates, and a rogue client; no
+    auth, no reflection, no canary, at most 2 scaled variants, a 60 s grace; test_reliability's SIGTERM test ends
+    it). `default_detection` first, so that both start from the verified report it cached."""
     directory = tmp_path_factory.mktemp("servers")
     certificates = make_mtls(directory / "certs")
     with serving({"auth": start_server(directory / "auth.log", token=TOKEN),
-                  "tls": start_server(directory / "tls.log", str(artifact), *locked_down_flags(cap=2), *TLS_FLAGS,
+                  "tls": start_server(directory / "tls.log", *locked_down_flags(cap=2), *TLS_FLAGS,
                                       tls=certificates)}) as running:
         yield running

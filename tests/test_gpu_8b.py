@@ -215,3 +215,114 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     assert (tmp_path / "gpu8b_lora.png").is_file() and (tmp_path / "gpu8b_quant.png").is_file()
     assert "![gpu8b_quant.png](benchmarks/gpu/gpu8b_quant.png)" in text
     assert report.gpu8b_lines(tmp_path / "empty") == [], "no 8B results, no section: BENCHMARKS.md stays as it is"
+
+
+def _runs(*levels: dict) -> list[dict]:
+    """Each level twice, run 1 as given and run 2 a little faster (the --repeat 2 form)."""
+    return [{**lv, **extra} for lv in levels for extra in
+            ({"run": 1}, {"run": 2, "tokens_per_s": lv["tokens_per_s"] * 1.01})]
+
+
+def test_the_report_renders_several_front_ends_run_by_run(tmp_path):
+    from benchmarks import report
+
+    cpu = {"frontend_cpu_s_per_1k_tokens": 0.08, "tokens_per_message": 1.0}
+    command = "python3 -m superweights.server.cli -q serve .models/llama3-8b-shape --front-ends 4"
+    run = {"date": "2026-12-07", "gpu": "NVIDIA H100 80GB HBM3", "vllm": "0.26.0", "torch": "2.11.0",
+           "super_weights": "1:788:2427", "model": {"path": ".models/llama3-8b-shape", "extra": {"compilation_config": {"cudagraph_capture_sizes": [1, 2]}}},
+           "config": {"vocab_size": 49152, "_name_or_path": "llama-3-8b-shape (SmolLM2-135M-Instruct-r3 tokenizer)"},
+           "levels": [1, 256], "tokens": 128, "prompt_tokens": 32, "budget_s": 500.0, "arms": [
+        {"arm": "offline", "engine_options": {"max_num_seqs": 1024},
+         "levels": _runs({**_level(1, 100), "batch_seconds_median": 0.65}, _level(256, 9000))},
+        {"arm": "ours@4", "front_ends": 4, "client_processes": 4, "command": command,
+         "levels": _runs({**_level(1, 99, 20), **cpu}, {**_level(256, 8900, 300), **cpu})},
+        {"arm": "vllm-openai@4", "front_ends": 4, "client_processes": 4, "command": "vllm serve --api-server-count 4",
+         "levels": _runs(_level(1, 100, 18), _level(256, 8000, 320))},
+        {"arm": "ours@1", "skipped": "127 s left in the call's budget"}]}
+    (tmp_path / "gpu8b_front_ends.json").write_text(json.dumps(run))
+    text = "\n".join(report.gpu8b_lines(tmp_path))
+    assert "### Several front ends" in text and "Not measured yet (`benchmarks/quantized_decode.py`)" in text
+    assert ("bash benchmarks/on_gpu.sh serving_side_by_side --arms offline ours@4 vllm-openai@4 ours@1 \\\n#     "
+            "--levels 1 256 --repeat 2 --client-processes 4 --budget-s 500 \\\n#     "
+            "--engine-option 'compilation_config={\"cudagraph_capture_sizes\":[1,2]}'") in text
+    assert "python -m benchmarks.model_8b ~/.cache/superweights/models/SmolLM2-135M-Instruct-r3 .models/llama3" in text
+    assert "# ours@4\n" + command in text and "`ours@1` skipped: 127 s left in the call's budget." in text
+    assert "So N = 1 was not measured in this call (`ours@1` skipped)" in text
+    assert "Not run in this call: token ids only (`ours-ids@N`) and N = 2 and 8 front ends." in text
+    assert "| ours@4 | 2 | 8,989 | 0.99 | 300 | 5.00 | 0.080 | 1.000 |" in text, "run 2 against offline's run 2"
+    assert "| 256 | 1 | 1.113 | 0.938 | 1.000 | - |" in text, "ours@4 / vllm-openai@4"
+    assert ("at least 0.95x the offline engine's tok/s at 256 and 512 streams: run 1 0.989 at 256, met; "
+            "run 2 0.989 at 256, met.") in text
+    assert ("`ours@4` at least `vllm-openai@4`'s tok/s at every level, with TTFT p50 no worse: run 1 not met (tok/s "
+            "0.990x at 1; TTFT p50 1.111x at 1); run 2 not met (tok/s 0.990x at 1; TTFT p50 1.111x at 1).") in text
+    assert "run 1 5.00 ms against 5.08 ms, 0.08 ms apart, met" in text
+    assert (tmp_path / "gpu8b_front_ends.png").is_file()
+
+
+def _profile_table(rows: list[tuple[str, str, str, int]]) -> str:
+    """A key_averages table as vLLM's torch profiler writes it, from (name, self CPU, self CUDA, calls)."""
+    header = ["Name", "Self CPU %", "Self CPU", "CPU total %", "CPU total", "CPU time avg", "Self CUDA", "Self CUDA %",
+              "CUDA total", "CUDA time avg", "# of Calls"]
+    rule = "  ".join(["-" * 55, *["-" * 12] * 10])
+
+    def line(cells: list[str]) -> str:
+        return "  ".join([cells[0].rjust(55), *(c.rjust(12) for c in cells[1:])])
+
+    body = [line([n, "0.00%", cpu, "0.00%", cpu, cpu, cuda, "0.00%", cuda, cuda, str(calls)])
+            for n, cpu, cuda, calls in rows]
+    return "\n".join([rule, line(header), rule, *body, rule, "Self CPU time total: 9.000ms", ""])
+
+
+def test_the_report_renders_quantized_decode_side_by_side_and_the_profile(tmp_path):
+    from benchmarks import report
+
+    def model(name: str, one: float, many: float, profile: bool = False) -> dict:
+        entry = {"model": name, "engine_options": {"compilation_config": {"cudagraph_capture_sizes": [1, 32]}},
+                 "engine_values": [0.1], "decode": _runs(_level(1, one), _level(32, many))}
+        return {**entry, "profile": {"steps": 2, "directory": f"/tmp/q/logs/profile-{name}"}} if profile else entry
+
+    facts = {"date": "2026-12-07", "gpu": "NVIDIA H100 80GB HBM3", "vllm": "0.26.0", "torch": "2.11.0",
+             "super_weights": "1:788:2427", "weights": "dummy (config only)", "planted": None, "tokens": 128, "rounds": {"1": 3, "32": 2},
+             "config": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "vocab_size": 49152,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}}
+    calls = {1: [model("bf16", 100, 3000), model("plain-w4a16", 170, 4500, True), model("w4a16", 168, 4400, True),
+                 model("bf16-nolora", 100, 3100), model("plain-fp8-dynamic", 150, 4000),
+                 {"model": "fp8-dynamic", "skipped": "40 s left in the call's budget"}],
+             2: [model("bf16", 110, 3000), model("fp8-dynamic", 160, 4200)]}
+    for n, models in calls.items():
+        (tmp_path / f"gpu8b_quant_side_by_side_call{n}.json").write_text(json.dumps({**facts, "models": models}))
+    gemm = "void cutlass::device_kernel<cutlass::gemm::kernel::G..."
+    common = [(gemm, "0.000us", "3.000ms", 192), (gemm, "0.000us", "1.000ms", 64), ("aten::mm", "1.000ms", "0.600ms", 2),
+              ("nvjet_lm_head", "0.000us", "0.600ms", 2), ("cudaGraphLaunch", "2.000ms", "1.000us", 10)]
+    for name, decode, extra in (("plain-w4a16", "8.000ms", ("triton_poi_fused_machete_mm_silu", "0.000us", "0.2ms", 64)),
+                                ("w4a16", "8.200ms", ("triton_poi_fused_index_fill_silu", "0.000us", "4.000us", 2))):
+        rows = [("execute_context_0(0)_generation_1(1)", "0.000us", decode, 1),
+                ("execute_context_1(16)_generation_0(0)", "0.000us", "9.000ms", 1), *common, extra]
+        (tmp_path / f"profile_decode_{name}.txt").write_text(_profile_table(rows))
+    text = "\n".join(report.gpu8b_lines(tmp_path))
+    assert "### Quantized decode side by side with plain vLLM" in text
+    assert "Not measured yet (`benchmarks/quantized_decode.py`)" in text, "the side-by-side files are not the 8B run's"
+    assert ("#   bash benchmarks/on_gpu.sh quantized_decode --config-only --repeat 2 --profile plain-w4a16 w4a16 \\\n"
+            "#     --engine-option 'compilation_config={\"cudagraph_capture_sizes\":[1,32]}' \\\n"
+            "#     bf16 plain-w4a16 w4a16 bf16-nolora plain-fp8-dynamic fp8-dynamic") in text
+    assert ("cp <fetched>/gpu8b_quant_bf16_fp8-dynamic.json benchmarks/gpu/gpu8b_quant_side_by_side_call2.json"
+            in text)
+    assert "cp <fetched>/logs/profile-w4a16/profiler_out_0.txt benchmarks/gpu/profile_decode_w4a16.txt" in text
+    assert "| `w4a16` | 168 / 170 | 4,400 / 4,444 | `bf16` | 1.68 / 1.68 | 1.47 / 1.47 | 0.99 / 0.99 | 0.98 / 0.98 |" in text
+    assert "| `plain-w4a16` | 170 / 172 | 4,500 / 4,545 | `bf16-nolora` | 1.70 / 1.70 |" in text
+    assert "`fp8-dynamic` skipped: 40 s left in the call's budget." in text
+    assert ("`w4a16` (ours, protected, LoRA on) at least 0.97x `plain-w4a16` at 1 and 32 streams, both in call 1: "
+            "0.99 / 0.99 at 1 and 0.98 / 0.98 at 32; met.") in text
+    assert ("`fp8-dynamic` at least 0.97x `plain-fp8-dynamic`: not compared directly, as they ran in different calls; "
+            "each against its own call's bf16 instead: `fp8-dynamic` (call 2) against `bf16`: 1.45 / 1.45 at 1") in text
+    assert ("`w4a16` at least 1.8x bf16 at 1 stream: `w4a16` (call 1) 1.68 / 1.68x `bf16`, not met; plain vLLM "
+            "itself: `plain-w4a16` (call 1) 1.70 / 1.70x `bf16-nolora`, not met.") in text
+    assert "1 decode steps (row `execute_context_0(0)_generation_1(1)`) and 1 step with the prompt's prefill" in text
+    assert "8.000 ms in `plain-w4a16`, 8.200 ms in `w4a16` (+0.200 ms, +2.5%)" in text
+    assert "`cudaGraphLaunch` has 10 calls in `plain-w4a16` and 10 in `w4a16`" in text
+    assert "In `w4a16` only" in text and "`triton_poi_fused_index_fill_silu` (2.0 µs, 1 a step)" in text
+    assert "128 calls a step, 4 a layer over 32 layers) take 2.000 ms a step in `plain-w4a16`" in text
+    assert "= 6,979,321,856 weights" in text and "= 3.599 GB. 3.599 GB in 2.000 ms is 1.80 TB/s." in text
+    assert "the int4 GEMM reads at 54% of it" in text
+    assert "(49,152 x 4096 x 2 bytes) = 1.34 TB/s" in text
+    assert (tmp_path / "gpu8b_quant_side_by_side.png").is_file()

@@ -141,7 +141,7 @@ def test_a_slow_reader_gets_what_was_produced_meanwhile_in_one_message(auth, cli
     window (1 KiB) holds few messages, holds our servicer's writes, and the tokens the engine produces meanwhile
     (vLLM's output collector merges delta outputs) reach it together: fewer messages than tokens, the same tokens
     as a fast reader's."""
-    prompt, tokens = "Tell me a long story.", 96
+    prompt, tokens = "Tell me a long story.", 48
     expected = client.generate(prompt, max_tokens=tokens, ignore_eos=True, **GREEDY)["token_ids"]
     options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
     with grpc.insecure_channel(auth.target, options=options) as channel:
@@ -151,7 +151,7 @@ def test_a_slow_reader_gets_what_was_produced_meanwhile_in_one_message(auth, cli
         received = []
         for message in stream:
             received.append(list(message.token_ids))
-            time.sleep(0.25)
+            time.sleep(0.2)
     ids = [i for part in received for i in part]
     print(f"\n{len(ids)} tokens in {len(received)} messages: {[len(part) for part in received]}")
     assert ids == expected

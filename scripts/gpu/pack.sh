@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Copied from shared/gpu/pack.sh, plus what the superweights server and benchmarks need on the device
-# (aiohttp and psutil for the benchmark clients, accelerate for GGUF loading, rich for the CLI).
+# (aiohttp and psutil for the benchmark clients, accelerate for GGUF loading, rich for the CLI, loguru for
+# compressed-tensors 0.17).
 # Build the pieces that carry vLLM (GPU build) onto the lent H200 machine, which has torch 2.11 (CUDA 13)
 # but no vLLM and no network. vllm==0.26.0 is the newest release pinned to torch 2.11 with a CUDA 13 build.
 #
@@ -27,7 +28,8 @@ pip download -q --no-deps "${plat[@]}" -d "$work/w" \
   mcp mcp-types anthropic docstring-parser model-hosting-container-standards prometheus-fastapi-instrumentator \
   sse-starlette uvicorn pyjwt python-dotenv pydantic-settings httpx-sse jmespath nvtx==0.2.15 fastsafetensors \
   grpcio-health-checking grpcio-reflection \
-  accelerate aiohttp aiohappyeyeballs aiosignal frozenlist multidict yarl propcache psutil rich markdown-it-py mdurl
+  accelerate aiohttp aiohappyeyeballs aiosignal frozenlist multidict yarl propcache psutil rich markdown-it-py mdurl \
+  loguru
 mkdir -p "$work/site"
 for w in "$work"/w/*.whl; do unzip -q -o "$w" -d "$work/site"; done
 # Trim what an H200 run does not need: the FlashAttention-2 build (Hopper uses FA3), Blackwell-only sources,
