@@ -4,7 +4,8 @@ the prose is benchmarks/BENCHMARKS.template.md, whose slots benchmarks.markdown 
     .venv/bin/python -m benchmarks.report
 
 Reads, under benchmarks/: results.json (serving_default_model cpu), detection.json (detection_cost), limits.json
-(machine_limits), zero_adapter.json (zero_adapter_cost), profile.json (profile_frontend). Under benchmarks/gpu/:
+(machine_limits), zero_adapter.json (zero_adapter_cost), profile.json (profile_frontend), cpu_front_ends.json
+(serving_side_by_side on the CPU engine), correction_overhead.json (correction_overhead). Under benchmarks/gpu/:
 gpu_*.json (serving_default_model gpu), lora_scope_*.json (lora_scope), first_session_lora.json (an earlier
 measurement, noted by hand), artifacts_*.json (artifacts_through_engine), gpu8b_serving.json and
 gpu8b_serving_first.json (serving_side_by_side), ttft_135m.json (serving_side_by_side on the default model's
@@ -181,7 +182,45 @@ def cpu_sections(out_dir: Path, doc_dir: Path) -> list[str]:
     return [cpu_header(results, flags, dtype), cpu_serving(results, by_server),
             paragraphs(*(fill("plot", name=f, path=f"{plot_dir}/{f}") for f in plot_files)),
             ab_section(results), detection_section(detection) if detection else "",
-            limits_section(limits, by_server, dtype) if limits else "", gap_section(by_server, out_dir)]
+            limits_section(limits, by_server, dtype) if limits else "", gap_section(by_server, out_dir),
+            cpu_front_ends_section(_json(out_dir / "cpu_front_ends.json")),
+            correction_section(_json(out_dir / "correction_overhead.json"))]
+
+
+def cpu_front_ends_section(run: dict | None) -> str:
+    """serving_side_by_side on the CPU engine: the offline engine, ours with one front end and with more."""
+    if not run:
+        return ""
+    runs = _by_run(run["arms"], "arm")
+    offline = runs.get("offline", {})
+    rows = [[arm, str(c), str(r), f"{lv['tokens_per_s']:,.1f}",
+             f"{_ratio(lv, offline[(c, r)], 'tokens_per_s'):.2f}" if (c, r) in offline else "-",
+             _ms(lv.get("ttft_p50_ms")), _ms(lv.get("itl_p50_ms"), ".1f"),
+             _ms(lv.get("frontend_cpu_s_per_1k_tokens"), ".2f"), _ms(lv.get("tokens_per_message"), ".3f")]
+            for c in sorted({c for levels in runs.values() for c, _ in levels})
+            for arm, levels in runs.items() for (s, r), lv in sorted(levels.items()) if s == c]
+    measured = [a for a in run["arms"] if a.get("levels")]
+    repeat = max(r for levels in runs.values() for _, r in levels)
+    return fill("cpu_front_ends", date=run["date"], vllm=run["vllm"], tokens=run["tokens"], repeat=repeat,
+                arms=" ".join(a["arm"] for a in run["arms"]), levels=" ".join(map(str, run["levels"])),
+                client_processes=_distinct([a for a in measured if "client_processes" in a], "client_processes"),
+                failures=_unfinished(run["arms"], "arm"),
+                table=table(["arm", "streams", "run", "tok/s", "x offline", "TTFT p50 ms", "ITL p50 ms",
+                             "front-end CPU s / 1k tok", "tokens / message"], rows, "lrrrrrrrr"))
+
+
+def correction_section(result: dict | None) -> str:
+    """benchmarks.correction_overhead: the protected down-projection against the plain one, per token count."""
+    if not result:
+        return ""
+    rows = [[str(r["tokens"]), f"{r['plain_us']:,.1f}", f"{r['protected_us']:,.1f}", f"{r['protected_over_plain']:.3f}",
+             f"{r['max_abs_difference']:.1e} of {r['output_scale']:.1f}"] for r in result["rows"]]
+    shape = result["shape"]
+    return fill("correction_overhead", date=result["date"], machine=result["machine"],
+                threads=result["torch_threads"], dtype=result["dtype"], command=result["command"],
+                inputs=f"{shape['in']:,}", outputs=f"{shape['out']:,}", columns=shape["protected_columns"],
+                table=table(["tokens", "plain us", "protected us", "protected / plain", "max difference"], rows,
+                            "rrrrr"))
 
 
 def cpu_header(results: dict, flags: str, dtype: str) -> str:

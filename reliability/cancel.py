@@ -25,8 +25,8 @@ import psutil
 
 from .common import (
     adapter_files,
-    add_front_ends_option,
     campaign,
+    campaign_parser,
     channel,
     code_name,
     engine_processes,
@@ -259,12 +259,10 @@ def run_storm(server, calls: int = 1000, seed: int = 0, workers: int = 8, client
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = campaign_parser(__doc__)
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: the client process that gets killed
-    add_front_ends_option(parser)
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))

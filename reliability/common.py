@@ -281,9 +281,15 @@ def adapter_dir_holding(variant: str) -> Path | None:
 
 
 # -- results ---------------------------------------------------------------------------------------------------
-def add_front_ends_option(parser) -> None:
+def campaign_parser(doc: str):
+    """The command line every campaign shares (--seed, --front-ends); each adds its own options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--front-ends", type=int, default=1, help="the server's front-end processes on its one "
                         "engine core; results go to results/<campaign>-<N>fe.json (%(default)s)")
+    return parser
 
 
 def write_result(name: str, data: dict) -> Path:

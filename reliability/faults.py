@@ -120,6 +120,17 @@ def _health_or_gone(server) -> str:
         return f"RPC {code_name(e)}"  # the process has closed its port: as good as NOT_SERVING to a prober
 
 
+def _not_serving_since(server, since: float, timeout: float = 30) -> tuple[float, str] | None:
+    """(seconds from `since` until health stopped saying SERVING, what it said), polled every 50 ms; None if it
+    still said SERVING after `timeout`."""
+    while time.monotonic() - since < timeout:
+        status = _health_or_gone(server)
+        if status != "SERVING":
+            return time.monotonic() - since, status
+        time.sleep(0.05)
+    return None
+
+
 def _new_call(server) -> str:
     try:
         with channel(server) as ch:
@@ -183,13 +194,7 @@ def engine_kill_under_load(server, streams: int = 6, compares: int = 2, max_toke
         descendants = [p.pid for p in engine_processes(server)]
         killed_at = time.monotonic()
         os.kill(core.pid, signal.SIGKILL)
-        not_serving = None
-        while time.monotonic() - killed_at < 30:
-            status = _health_or_gone(server)
-            if status != "SERVING":
-                not_serving = (time.monotonic() - killed_at, status)
-                break
-            time.sleep(0.05)
+        not_serving = _not_serving_since(server, killed_at)
         new_call = _new_call(server)
         hung = load.join(60)
         try:
@@ -220,13 +225,7 @@ def front_end_kill(server, exit_timeout: float = 120) -> dict:
     victim = front_ends[-1]
     killed_at = time.monotonic()
     victim.kill()
-    not_serving = None
-    while time.monotonic() - killed_at < 30:
-        status = _health_or_gone(server)
-        if status != "SERVING":
-            not_serving = (time.monotonic() - killed_at, status)
-            break
-        time.sleep(0.05)
+    not_serving = _not_serving_since(server, killed_at)
     try:
         exit_code = server.process.wait(exit_timeout)
     except subprocess.TimeoutExpired:

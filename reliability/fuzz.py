@@ -18,7 +18,6 @@ what the server admits (`engine_slots`), so a valid request is never refused for
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import re
@@ -37,8 +36,8 @@ from google.protobuf.message import DecodeError
 from .common import (
     METHODS,
     SERVICE_DESCRIPTOR,
-    add_front_ends_option,
     campaign,
+    campaign_parser,
     channel,
     code_name,
     golden,
@@ -568,11 +567,9 @@ def run_fuzz(server, n: int = 1000, seed: int = 0, workers: int = 2, timeout: fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = campaign_parser(__doc__)
     parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
-    add_front_ends_option(parser)
     args = parser.parse_args()
     result = campaign("fuzz", ["--canary-interval", "0"],
                       lambda server: run_fuzz(server, args.requests, args.seed, args.workers, progress=True),

@@ -11,7 +11,6 @@ reliability.report draws the plot.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import statistics
@@ -22,9 +21,9 @@ from collections import Counter, defaultdict
 import grpc
 
 from .common import (
-    add_front_ends_option,
     asyncio_tasks,
     campaign,
+    campaign_parser,
     channel,
     code_name,
     golden,
@@ -184,11 +183,9 @@ def _drift(minutes: list[dict], key: str) -> float | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = campaign_parser(__doc__)
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    add_front_ends_option(parser)
     args = parser.parse_args()
     result = campaign("load", SERVER_LIMITS, lambda server: run_load(server, args.clients, args.seconds, args.seed),
                       front_ends=args.front_ends, kv_cache_gib=2)

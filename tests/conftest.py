@@ -20,8 +20,10 @@ __all__ = ["TOKEN", "assert_clean_engine_death", "free_port", "run_cli", "servin
 
 SUPERWEIGHTS = str(Path(sys.executable).parent / "superweights")
 TOKEN = "test-token-0123456789"
-# every test server: a canary every 15 s, and limits that a handful of calls reach
-TEST_FLAGS = ("--canary-interval", "15", "--max-concurrent", "2", "--max-queue", "2")
+# every test server: a canary every minute (each run scores 512 tokens per fixed arm: more often, it would take a
+# good share of the machine's two cores from every other test), and limits that a handful of calls reach
+CANARY_INTERVAL_S = 60
+TEST_FLAGS = ("--canary-interval", str(CANARY_INTERVAL_S), "--max-concurrent", "2", "--max-queue", "2")
 # servers["tls"]: two front ends, each admitting 2 running and 2 queued calls (a client's calls share one
 # connection, so they reach one front end: the same limits as the one-process "auth" server's)
 TLS_FLAGS = ("--front-ends", "2", "--max-concurrent", "4", "--max-queue", "4", "--grace", "60")

@@ -39,14 +39,15 @@ def planted(tmp_path_factory) -> Path:
     from superweights.compression.evaluation import DEFAULT_EVAL_TEXT
 
     directory = tmp_path_factory.mktemp("planted") / "planted-llama"
-    english = DEFAULT_EVAL_TEXT.read_bytes()[:20000]  # the evaluation text's first 20 kB: its byte frequencies
+    english = DEFAULT_EVAL_TEXT.read_text()[:20000]  # the evaluation text's start: its byte frequencies
     save_checkpoint(servable_planted_llama(english, **PLANTED), directory)
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def planted_servers(planted, tmp_path_factory):
-    """The planted model at TP=1 and TP=2, and its protected w8a8 artifact at TP=2."""
+    """The planted model at TP=1 and TP=2, and its protected w8a8 artifact at TP=2, for one class of tests: each
+    class's servers stop before the next class starts its own (all of them at once do not fit in 24 GiB)."""
     logs = tmp_path_factory.mktemp("parallel")
     artifact = logs / "planted-w8a8"
     done = run_cli("-q", "compress", str(planted), "--scheme", "w8a8", "-o", str(artifact), timeout=900)
@@ -69,41 +70,44 @@ def probed_from(server) -> dict[tuple[int, int], str]:
     return {(int(r), int(c)): f"{w} of {n}" for r, c, w, n in found}
 
 
-def test_tensor_parallel_serves_what_one_rank_serves(planted_servers):
-    tp1, tp2 = planted_servers["tp1"], planted_servers["tp2"]
-    with tp1.client() as one, tp2.client() as two:
-        info = two.model_info()
-        assert (info.tensor_parallel_size, info.pipeline_parallel_size, info.executor) == (2, 1, "mp")
-        found_1, found_2 = one.super_weights().super_weights, two.super_weights().super_weights
-    assert [(w.layer, w.row, w.col) for w in found_2] == [(PLANTED["layer"], PLANTED["row"], PLANTED["col"])]
-    assert [(w.layer, w.row, w.col) for w in found_1] == [(w.layer, w.row, w.col) for w in found_2]
-    assert found_2[0].engine_value == pytest.approx(found_1[0].engine_value, rel=1e-5)
-    assert found_2[0].engine_value == pytest.approx(found_2[0].value, rel=1e-4)
-    assert probed_from(tp2) == {(PLANTED["row"], PLANTED["col"]): "1 of 2"}  # the rank with input column 300
-    base = greedy(tp1)
-    assert greedy(tp2) == base
-    removed = greedy(tp2, "no_super_weights")
-    assert removed != base and removed == greedy(tp1, "no_super_weights")
+class TestPlantedLlama:
+    """The planted model and its artifact over two ranks."""
+
+    def test_tensor_parallel_serves_what_one_rank_serves(self, planted_servers):
+        tp1, tp2 = planted_servers["tp1"], planted_servers["tp2"]
+        with tp1.client() as one, tp2.client() as two:
+            info = two.model_info()
+            assert (info.tensor_parallel_size, info.pipeline_parallel_size, info.executor) == (2, 1, "mp")
+            found_1, found_2 = one.super_weights().super_weights, two.super_weights().super_weights
+        assert [(w.layer, w.row, w.col) for w in found_2] == [(PLANTED["layer"], PLANTED["row"], PLANTED["col"])]
+        assert [(w.layer, w.row, w.col) for w in found_1] == [(w.layer, w.row, w.col) for w in found_2]
+        assert found_2[0].engine_value == pytest.approx(found_1[0].engine_value, rel=1e-5)
+        assert found_2[0].engine_value == pytest.approx(found_2[0].value, rel=1e-4)
+        assert probed_from(tp2) == {(PLANTED["row"], PLANTED["col"]): "1 of 2"}  # the rank with input column 300
+        base = greedy(tp1)
+        assert greedy(tp2) == base
+        removed = greedy(tp2, "no_super_weights")
+        assert removed != base and removed == greedy(tp1, "no_super_weights")
 
 
-def test_protected_artifact_is_corrected_on_the_rank_that_holds_the_column(planted_servers):
-    """The w8a8 artifact at TP=2 passed the start-up self-check (perplexity within 2% of its offline evaluation,
-    removal effect as reported): each rank added only the super-weight columns of its own input shard, and the
-    probe read the exact float32 column through the quantized kernel on rank 1."""
-    served = planted_servers["artifact_tp2"]
-    with served.client() as client:
-        info = client.model_info()
-        weights = client.super_weights().super_weights
-        compare = client.compare(PROMPT, **GREEDY)
-    assert "w8a8" in info.quantization and "protected" in info.quantization and info.tensor_parallel_size == 2
-    assert weights[0].engine_value == pytest.approx(weights[0].value, rel=1e-4)
-    assert probed_from(served) == {(PLANTED["row"], PLANTED["col"]): "1 of 2"}
-    assert "self-check: base perplexity" in served.log.read_text()
-    base, removed = compare.arms
-    assert base.token_ids != removed.token_ids
+    def test_protected_artifact_is_corrected_on_the_rank_that_holds_the_column(self, planted_servers):
+        """The w8a8 artifact at TP=2 passed the start-up self-check (perplexity within 2% of its offline evaluation,
+        removal effect as reported): each rank added only the super-weight columns of its own input shard, and the
+        probe read the exact float32 column through the quantized kernel on rank 1."""
+        served = planted_servers["artifact_tp2"]
+        with served.client() as client:
+            info = client.model_info()
+            weights = client.super_weights().super_weights
+            compare = client.compare(PROMPT, **GREEDY)
+        assert "w8a8" in info.quantization and "protected" in info.quantization and info.tensor_parallel_size == 2
+        assert weights[0].engine_value == pytest.approx(weights[0].value, rel=1e-4)
+        assert probed_from(served) == {(PLANTED["row"], PLANTED["col"]): "1 of 2"}
+        assert "self-check: base perplexity" in served.log.read_text()
+        base, removed = compare.arms
+        assert base.token_ids != removed.token_ids
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def pipeline(tmp_path_factory, servers):
     """The default model in two pipeline stages (layers 0-14 and 15-29)."""
     with serving({"pp2": start_server(tmp_path_factory.mktemp("pp") / "pp2.log", "--engine-arg",
@@ -111,23 +115,26 @@ def pipeline(tmp_path_factory, servers):
         yield running["pp2"], servers["auth"]
 
 
-def test_pipeline_parallel_serves_what_one_stage_serves(pipeline):
-    """Start-up self-check passed through both stages; every RPC answers as the one-process server's."""
-    pp2, one = pipeline
-    with pp2.client() as two, one.client() as single:
-        info = two.model_info()
-        assert (info.tensor_parallel_size, info.pipeline_parallel_size) == (1, 2)
-        weights_2, weights_1 = two.super_weights().super_weights, single.super_weights().super_weights
-        compare_2 = two.compare("The capital of France is", max_tokens=8, temperature=0.0)
-        compare_1 = single.compare("The capital of France is", max_tokens=8, temperature=0.0)
-    assert [w.engine_value for w in weights_2] == pytest.approx([w.engine_value for w in weights_1], rel=1e-5)
-    assert set(probed_from(pp2).values()) == {"0 of 2"}  # layer 11 is in the first stage
-    assert [list(a.token_ids) for a in compare_2.arms] == [list(a.token_ids) for a in compare_1.arms]
-    assert compare_2.arms[0].token_ids != compare_2.arms[1].token_ids
-    assert greedy(pp2) == greedy(one)
+class TestPipeline:
+    """The default model in two stages."""
+
+    def test_pipeline_parallel_serves_what_one_stage_serves(self, pipeline):
+        """Start-up self-check passed through both stages; every RPC answers as the one-process server's."""
+        pp2, one = pipeline
+        with pp2.client() as two, one.client() as single:
+            info = two.model_info()
+            assert (info.tensor_parallel_size, info.pipeline_parallel_size) == (1, 2)
+            weights_2, weights_1 = two.super_weights().super_weights, single.super_weights().super_weights
+            compare_2 = two.compare("The capital of France is", max_tokens=8, temperature=0.0)
+            compare_1 = single.compare("The capital of France is", max_tokens=8, temperature=0.0)
+        assert [w.engine_value for w in weights_2] == pytest.approx([w.engine_value for w in weights_1], rel=1e-5)
+        assert set(probed_from(pp2).values()) == {"0 of 2"}  # layer 11 is in the first stage
+        assert [list(a.token_ids) for a in compare_2.arms] == [list(a.token_ids) for a in compare_1.arms]
+        assert compare_2.arms[0].token_ids != compare_2.arms[1].token_ids
+        assert greedy(pp2) == greedy(one)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def qwen_tp2(tmp_path_factory):
     with serving({"qwen": start_server(tmp_path_factory.mktemp("qwen") / "qwen_tp2.log", QWEN, "--super-weights",
                                        QWEN_SUPER_WEIGHT, "--engine-arg", "tensor_parallel_size=2",
@@ -135,17 +142,20 @@ def qwen_tp2(tmp_path_factory):
         yield running["qwen"]
 
 
-def test_qwen_at_tensor_parallel_two_with_declared_super_weights(qwen_tp2):
-    with qwen_tp2.client() as client:
-        info = client.model_info()
-        (weight,) = client.super_weights().super_weights
-        compare = client.compare("def fibonacci(n):", max_tokens=12, temperature=0.0)
-    assert info.tensor_parallel_size == 2
-    assert (weight.layer, weight.row, weight.col) == (2, 62, 1980)
-    assert weight.engine_value == pytest.approx(weight.value, rel=1e-4)  # read from the checkpoint, computed by TP
-    assert probed_from(qwen_tp2) == {(62, 1980): "1 of 2"}  # intermediate 4864: rank 1 holds columns 2432-4863
-    base, removed = compare.arms
-    assert base.text.strip() and base.token_ids != removed.token_ids
+class TestQwen:
+    """Qwen2.5-Coder-0.5B over two ranks."""
+
+    def test_qwen_at_tensor_parallel_two_with_declared_super_weights(self, qwen_tp2):
+        with qwen_tp2.client() as client:
+            info = client.model_info()
+            (weight,) = client.super_weights().super_weights
+            compare = client.compare("def fibonacci(n):", max_tokens=12, temperature=0.0)
+        assert info.tensor_parallel_size == 2
+        assert (weight.layer, weight.row, weight.col) == (2, 62, 1980)
+        assert weight.engine_value == pytest.approx(weight.value, rel=1e-4)  # read from the checkpoint, computed by TP
+        assert probed_from(qwen_tp2) == {(62, 1980): "1 of 2"}  # intermediate 4864: rank 1 holds columns 2432-4863
+        base, removed = compare.arms
+        assert base.text.strip() and base.token_ids != removed.token_ids
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +171,7 @@ def ray_cluster(tmp_path_factory):
     try:
         yield env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([ray, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
 
 
 def test_ray_executor_serves_at_tensor_parallel_two(planted, ray_cluster, tmp_path, monkeypatch):

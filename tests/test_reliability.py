@@ -97,7 +97,7 @@ def test_malformed_bytes_are_refused_before_the_servicer():
     assert seen["counted"] == 1
 
 
-# -- on servers["auth"]: a token, plaintext, the canary every 15 s ---------------------------------------------
+# -- on servers["auth"]: a token, plaintext, the canary every minute --------------------------------------------
 @pytest.fixture(scope="module")
 def auth(servers):
     return servers["auth"]

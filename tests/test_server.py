@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from superweights.v1 import superweights_pb2 as pb
 from superweights.v1 import superweights_pb2_grpc as pb_grpc
-from tests.conftest import TOKEN, run_cli
+from tests.conftest import CANARY_INTERVAL_S, TOKEN, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -134,28 +134,6 @@ def test_compare_with_alpha_creates_a_scaled_arm(client):
     response = client.compare("The capital of France is", alphas=[1.5], max_tokens=4, **GREEDY)
     assert [a.variant for a in response.arms] == ["base", "no_super_weights", "scaled_1.5"]
     assert "scaled_1.5" in client.model_info().variants
-
-
-def test_a_slow_reader_gets_what_was_produced_meanwhile_in_one_message(auth, client):
-    """No message per token is forced on the way out: a client that reads slowly, on a connection whose flow-control
-    window (1 KiB) holds few messages, holds our servicer's writes, and the tokens the engine produces meanwhile
-    (vLLM's output collector merges delta outputs) reach it together: fewer messages than tokens, the same tokens
-    as a fast reader's."""
-    prompt, tokens = "Tell me a long story.", 48
-    expected = client.generate(prompt, max_tokens=tokens, ignore_eos=True, **GREEDY)["token_ids"]
-    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-    with grpc.insecure_channel(auth.target, options=options) as channel:
-        stream = pb_grpc.SuperWeightServiceStub(channel).Generate(pb.GenerateRequest(
-            text=prompt, sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)),
-            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
-        received = []
-        for message in stream:
-            received.append(list(message.token_ids))
-            time.sleep(0.2)
-    ids = [i for part in received for i in part]
-    print(f"\n{len(ids)} tokens in {len(received)} messages: {[len(part) for part in received]}")
-    assert ids == expected
-    assert len(received) < len(ids) and max(len(part) for part in received) > 1
 
 
 def test_cancelled_stream_is_aborted_in_the_engine(auth, client):
@@ -284,7 +262,7 @@ def test_auth_off_and_mutual_tls(servers):
 
 def test_metrics_endpoint(auth, client):
     client.compare("The capital of France is", max_tokens=4, **GREEDY)
-    deadline = time.monotonic() + 60  # the canary runs every 15 s in these servers
+    deadline = time.monotonic() + 2 * CANARY_INTERVAL_S
     while "superweights_canary_runs_total{outcome=\"ok\"}" not in auth.metrics_text():
         assert time.monotonic() < deadline, "the canary never ran"
         time.sleep(1)

@@ -64,12 +64,13 @@ def _planted_llama(layer: int, row: int, values: dict[int, float], seed: int) ->
 
 
 @torch.no_grad()
-def servable_planted_llama(english_bytes: bytes, layer: int = 1, row: int = 17, col: int = 99, value: float = 50.0,
+def servable_planted_llama(english: str, layer: int = 1, row: int = 17, col: int = 99, value: float = 50.0,
                            seed: int = 0) -> LlamaForCausalLM:
     """A planted Llama that vLLM's CPU engine serves, at tensor parallel size 2 too (head_dim 64, 4 heads, 2 KV
-    heads, 2048 positions), and whose super weight matters on English text: its LM head reads hidden channel
-    `row` as the log-frequencies of the bytes of `english_bytes`, so with the super activation the model predicts
-    English bytes (perplexity near their unigram entropy) and without it almost uniformly (about 256).
+    heads, 2048 positions), with byte_level_tokenizer(), and whose super weight matters on English text: its LM
+    head reads hidden channel `row` as the log-frequencies of the tokens of `english`, so with the super activation
+    the model predicts English bytes (perplexity near their unigram entropy) and without it almost uniformly
+    (about 256).
 
     After the final RMSNorm the super activation makes the hidden state nearly one-hot in `row`, about
     sqrt(hidden) there: the LM head's column is scaled by that."""
@@ -87,7 +88,8 @@ def servable_planted_llama(english_bytes: bytes, layer: int = 1, row: int = 17, 
     mlp.gate_proj.weight[col] = 0.5 * v * (hidden / HIDDEN) ** 0.5  # RMSNorm scales inputs by sqrt(hidden)
     mlp.up_proj.weight[col] = 0.5 * v * (hidden / HIDDEN) ** 0.5
     mlp.down_proj.weight[row, col] = value
-    counts = torch.bincount(torch.tensor(list(english_bytes)), minlength=VOCAB).float() + 0.5
+    ids = byte_level_tokenizer()(english, add_special_tokens=False)["input_ids"]
+    counts = torch.bincount(torch.tensor(ids), minlength=VOCAB).float() + 0.5
     log_p = counts.log() - counts.log().mean()
     model.lm_head.weight[:, row] = log_p / hidden**0.5
     return model
@@ -124,8 +126,9 @@ def sampled_text(model, n_tokens: int = 512, seed: int = 0) -> EvalText:
     return EvalText(name="samples", sha256="", ids=ids[0])
 
 
-def save_checkpoint(model, directory) -> None:
-    """A loadable checkpoint directory: the model plus a byte-level tokenizer (256 ids, one per byte)."""
+def byte_level_tokenizer():
+    """A real byte-level tokenizer (transformers' fast tokenizer): 256 ids, one per byte, in the order of the
+    byte-level alphabet (so an id is not the byte's value)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,8 +136,13 @@ def save_checkpoint(model, directory) -> None:
     tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def save_checkpoint(model, directory) -> None:
+    """A loadable checkpoint directory: the model plus the byte-level tokenizer."""
     model.save_pretrained(directory, safe_serialization=True)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)
 
 
 def bos_tokenizer(add_bos: bool = True):
