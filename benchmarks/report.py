@@ -202,6 +202,7 @@ def cpu_front_ends_section(run: dict | None) -> str:
     measured = [a for a in run["arms"] if a.get("levels")]
     repeat = max(r for levels in runs.values() for _, r in levels)
     return fill("cpu_front_ends", date=run["date"], vllm=run["vllm"], tokens=run["tokens"], repeat=repeat,
+                spreads=_spreads(runs) if repeat > 1 else "-",
                 arms=" ".join(a["arm"] for a in run["arms"]), levels=" ".join(map(str, run["levels"])),
                 client_processes=_distinct([a for a in measured if "client_processes" in a], "client_processes"),
                 failures=_unfinished(run["arms"], "arm"),
@@ -648,15 +649,19 @@ def front_ends_section(run: dict | None, gpu: Path) -> str:
 
 def _run_spread(runs: dict[str, dict[tuple[int, int], dict]]) -> str:
     """How far apart two runs of one arm at one level are, at the most: the noise the verdicts sit in."""
+    return fill("front_ends_spread", spreads=_spreads(runs))
+
+
+def _spreads(runs: dict[str, dict[tuple[int, int], dict]]) -> str:
+    """The largest run-to-run difference of one arm at one level, in tok/s and in TTFT p50, as text."""
     found = {}
     for key, what in (("tokens_per_s", "tok/s"), ("ttft_p50_ms", "TTFT p50")):
         values = {(arm, c): [lv[key] for (s, _), lv in levels.items() if s == c and lv.get(key)]
                   for arm, levels in runs.items() for c, _ in levels}
         found[what] = max((((max(v) - min(v)) / (sum(v) / len(v)), arm, c) for (arm, c), v in values.items()
                            if len(v) > 1), default=None)
-    return fill("front_ends_spread", spreads=_and([fill("spread_of", what=what, share=f"{100 * s:.0f}", arm=arm,
-                                                        streams=c) for what, (s, arm, c) in
-                                                   ((w, f) for w, f in found.items() if f)]))
+    return _and([fill("spread_of", what=what, share=f"{100 * s:.0f}", arm=arm, streams=c)
+                 for what, (s, arm, c) in ((w, f) for w, f in found.items() if f)])
 
 
 def front_end_goals(runs: dict[str, dict[tuple[int, int], dict]], servers: dict[str, tuple[str, int]],

@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .app import ServeConfig, run
-    from .engine import EngineConfig, is_cpu_engine
+    from .engine import EngineConfig, check_executor, is_cpu_engine
     from .options import engine_options
     from .service import Limits
 
@@ -286,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                           max_scaled_variants=args.max_scaled_variants, seed=args.seed,
                           engine_options=engine_options(args.engine_arg or ()))
+    check_executor(engine)  # before the model is resolved: minutes sooner
     config = ServeConfig(
         model=args.model, engine=engine, host=args.host, port=args.port, metrics_port=args.metrics_port,
         limits=Limits(max_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent, max_queue=args.max_queue),

@@ -47,6 +47,27 @@ class EngineOptionError(UserError):
     """A vLLM engine option that the installed vLLM does not accept."""
 
 
+class EngineStartError(UserError):
+    """vLLM's engine core did not start; its own log lines above say why."""
+
+
+ENGINE_START_FAILED = "Engine core initialization failed"  # vLLM's RuntimeError when its engine core dies starting
+
+
+@contextlib.contextmanager
+def engine_start_failures():
+    """vLLM's engine core dying at start-up as one line (EngineStartError) instead of vLLM's traceback; the cause is
+    in the engine core's ERROR lines just above it in the log."""
+    try:
+        yield
+    except RuntimeError as e:
+        if ENGINE_START_FAILED not in str(e):
+            raise
+        raise EngineStartError("vLLM's engine core failed to start: the cause is in its log lines above (the last "
+                               "ERROR of EngineCore or a worker); the engine arguments are in the line \"Initializing "
+                               "a V1 LLM engine\"") from e
+
+
 class InvalidRequestError(ValueError):
     """A request that vLLM's own checks refuse; the message is vLLM's."""
 
@@ -157,6 +178,27 @@ def engine_args(config: EngineConfig, report: SuperWeightReport):
         raise EngineOptionError(f"vLLM engine option not accepted: {e}") from e
 
 
+def prepare_workers(config: EngineConfig) -> None:
+    """Before the engine core starts: its executor is one this vLLM platform runs, and CPU workers are bound."""
+    check_executor(config)
+    bind_cpu_workers(config)
+
+
+def check_executor(config: EngineConfig) -> None:
+    """Ray as vLLM's executor only where vLLM's platform supports it (it names a Ray device for the workers' placement
+    group: "GPU" on CUDA; none on CPU, where vLLM would die starting with "current platform cpu does not support
+    ray")."""
+    if config.engine_options.get("distributed_executor_backend") != "ray":
+        return
+    from vllm.platforms import current_platform
+
+    if getattr(current_platform, "ray_device_key", None) == "":
+        raise EngineOptionError(f"--engine-arg distributed_executor_backend=ray: the installed vLLM's "
+                                f"{current_platform.device_name} platform has no Ray support; leave the executor "
+                                f"out (vLLM's own processes run tensor and pipeline parallelism on one host), or run "
+                                f"across hosts on GPUs")
+
+
 def bind_cpu_workers(config: EngineConfig) -> None:
     """On the CPU engine, give each of its tensor x pipeline-parallel workers cores of its own before it starts.
     vLLM binds one worker per NUMA node by itself and refuses more workers than nodes ("Not enough allowed NUMA
@@ -226,8 +268,9 @@ class SuperWeightEngine:
 
         args = engine_args(self.config, self.report)
         if client is None:
-            bind_cpu_workers(self.config)
-            self._engine = AsyncLLM.from_engine_args(args, usage_context=vllm_usage_context())
+            prepare_workers(self.config)
+            with engine_start_failures():
+                self._engine = AsyncLLM.from_engine_args(args, usage_context=vllm_usage_context())
         else:
             args._api_process_count, args._api_process_rank = client.count, client.index
             vllm_config = args.create_engine_config(usage_context=vllm_usage_context())

@@ -36,8 +36,9 @@ from .app import ENGINE_DIED, FrontEnd, ServeConfig, check_free, run, start_metr
 from .engine import (
     ADAPTER_DIR_PREFIX,
     FrontEndClient,
-    bind_cpu_workers,
     engine_args,
+    engine_start_failures,
+    prepare_workers,
     vllm_usage_context,
 )
 from .startup import ResolvedModel, resolve_model, served_engine_config
@@ -174,13 +175,13 @@ def serve(config: ServeConfig) -> int:
         if resolved.report.super_weights:  # no super weights, no adapters
             adapter_root = Path(tempfile.mkdtemp(prefix=ADAPTER_DIR_PREFIX))
         engine_config = served_engine_config(config, resolved)
-        bind_cpu_workers(engine_config)
+        prepare_workers(engine_config)
         args = engine_args(engine_config, resolved.report)
         args._api_process_count, args._api_process_rank = count, -1
         vllm_config = args.create_engine_config(usage_context=vllm_usage_context())
         spec = _Spec(config, resolved, run_dir, adapter_root, logging.getLogger().getEffectiveLevel())
         log.info("starting the engine core and %d front ends on %s:%d", count, config.host, config.port)
-        with _launched(vllm_config, count, spec) as (front_ends, engine_manager):
+        with engine_start_failures(), _launched(vllm_config, count, spec) as (front_ends, engine_manager):
             return _watch(front_ends.processes, getattr(engine_manager, "processes", []), config, stopping)
     except _Stop:
         log.info("stopped while starting")

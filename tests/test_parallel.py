@@ -7,22 +7,21 @@ core each (the server binds them, VLLM_CPU_OMP_THREADS_BIND), nothing simulated.
   greedy tokens equal TP=1's, the removal arm changes the output as it does at TP=1.
 - The default model at pipeline parallel size 2 (it has 9 attention heads: no TP=2) against the one-process
   server of conftest: the probe answers from the stage that holds layer 11.
-- Qwen2.5-Coder-0.5B with its super weight declared, at TP=2; and TP=2 through a local Ray cluster.
+- Qwen2.5-Coder-0.5B with its super weight declared, at TP=2.
+- Ray: vLLM's CPU platform has no Ray support, so `distributed_executor_backend=ray` is refused in one line; and an
+  engine core that dies starting ends the server in one line.
 
-A campaign (about 12 minutes here): `bash scripts/test.sh -m campaign tests/test_parallel.py`.
+A campaign (about 15 minutes here): `bash scripts/test.sh -m campaign tests/test_parallel.py`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, serving, start_server
+from tests.conftest import free_port, run_cli, serving, start_server
 from tests.tiny_models import save_checkpoint, servable_planted_llama
 
 pytestmark = [pytest.mark.campaign, pytest.mark.slow]
@@ -153,38 +152,38 @@ class TestQwen:
         assert info.tensor_parallel_size == 2
         assert (weight.layer, weight.row, weight.col) == (2, 62, 1980)
         assert weight.engine_value == pytest.approx(weight.value, rel=1e-4)  # read from the checkpoint, computed by TP
-        assert probed_from(qwen_tp2) == {(62, 1980): "1 of 2"}  # intermediate 4864: rank 1 holds columns 2432-4863
+        assert probed_from(qwen_tp2) == {(62, 1980): "0 of 2"}  # intermediate 4864: rank 0 holds columns 0-2431
         base, removed = compare.arms
-        assert base.text.strip() and base.token_ids != removed.token_ids
+        # zeroing this weight barely moves Qwen's perplexity (x0.99, docs/detection.md: declared, not detected), so
+        # the greedy tokens may stay; the removal arm still computes something else: its distributions differ
+        assert base.text.strip() and removed.text.strip() and compare.divergence[0].mean_kl_topk > 1e-6
+        print(f"\nQwen TP=2: base {base.text!r}; removal arm KL {compare.divergence[0].mean_kl_topk:.2e}, first "
+              f"differing token {compare.divergence[0].first_differing_token}")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A local Ray head on this machine (`ray start --head`), stopped after the module."""
-    ray = str(Path(sys.executable).parent / "ray")
-    if not Path(ray).exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "ray[default]"], check=True)
-    temp = tmp_path_factory.mktemp("ray")
-    env = dict(os.environ, RAY_TMPDIR=str(temp))
-    subprocess.run([ray, "start", "--head", "--port", "0", "--num-cpus", "2", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=300)
-    try:
-        yield env
-    finally:
-        subprocess.run([ray, "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
+def test_ray_executor_on_the_cpu_engine_is_one_line():
+    """vLLM's CPU platform has no Ray support (its engine core dies starting: "current platform cpu does not support
+    ray"), so Ray cannot run here for real: the server says so in one line, exit 2, before it resolves the model."""
+    done = run_cli("-q", "serve", "--engine-arg", "tensor_parallel_size=2", "--engine-arg",
+                   "distributed_executor_backend=ray", timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("superweights: error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and "cpu platform has no Ray support" in errors[0], done.stderr[-2000:]
 
 
-def test_ray_executor_serves_at_tensor_parallel_two(planted, ray_cluster, tmp_path, monkeypatch):
-    for key, value in ray_cluster.items():
-        monkeypatch.setenv(key, value)
-    with serving({"ray": start_server(tmp_path / "ray.log", str(planted), "--engine-arg", "tensor_parallel_size=2",
-                                      "--engine-arg", "distributed_executor_backend=ray")}) as running:
-        server = running["ray"]
-        with server.client() as client:
-            info = client.model_info()
-            (weight,) = client.super_weights().super_weights
-            compare = client.compare(PROMPT, **GREEDY)
-            text = client.generate(PROMPT, **GREEDY)["text"]
-    assert (info.tensor_parallel_size, info.executor) == (2, "ray")
-    assert weight.engine_value == pytest.approx(weight.value, rel=1e-4)
-    assert text and compare.arms[0].token_ids != compare.arms[1].token_ids
+def test_an_engine_that_dies_starting_ends_in_one_line(monkeypatch):
+    """An engine core that dies during start-up (here: asked for a KV cache larger than the machine's memory, which
+    vLLM's CPU worker refuses) ends the server with one line pointing at the engine's own log lines, not vLLM's
+    traceback."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")  # GiB; the server keeps a value the user set
+    ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
+    done = run_cli("-q", "serve", *ports, timeout=600)
+    from superweights.server import app
+
+    errors = [line for line in done.stderr.splitlines() if line.startswith("superweights: error: ")]
+    assert done.returncode == 2 and len(errors) == 1 and "engine core failed to start" in errors[0], \
+        done.stderr[-3000:]
+    assert "less than requested memory for kv" in done.stderr  # the cause, in vLLM's own log lines above it
+    # vLLM's engine core process prints its traceback (the cause); none of the server's own frames is printed
+    server_code = str(Path(app.__file__).parent)
+    assert f'File "{server_code}' not in done.stderr, done.stderr[-3000:]

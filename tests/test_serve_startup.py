@@ -54,6 +54,22 @@ def test_engine_args_pass_through_typed():
                        "distributed_executor_backend": "ray", "max_num_seqs": 64}
 
 
+def test_ray_executor_where_vllm_platform_has_no_ray_is_refused():
+    """vLLM's CPU platform names no Ray device (its engine would die starting: "current platform cpu does not support
+    ray"): refused before anything starts, naming the platform. A platform with Ray (CUDA) passes."""
+    from vllm.platforms import current_platform
+
+    from superweights.server.engine import EngineConfig, EngineOptionError, check_executor
+
+    config = EngineConfig(engine_options={"distributed_executor_backend": "ray", "tensor_parallel_size": 2})
+    if current_platform.ray_device_key:
+        check_executor(config)
+    else:
+        with pytest.raises(EngineOptionError, match=f"{current_platform.device_name} platform has no Ray support"):
+            check_executor(config)
+    check_executor(EngineConfig(engine_options={"distributed_executor_backend": "mp", "tensor_parallel_size": 2}))
+
+
 @pytest.mark.parametrize("arg, fragment", [
     ("no-such-option=1", "not an engine argument"),
     ("dtype=float16", "use its own option (--dtype"),
