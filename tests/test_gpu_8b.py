@@ -210,7 +210,7 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
     assert "| w4a16 | 180 | 2,600 | 1.80 / 1.30 | 1.0000 | 90 |" in text
     assert "w4a16 at batch 1: 1.80x bf16 (goal: at least 1.5x; met)." in text
     assert "the weights a step reads take 3.1 ms in bf16 (15.0 GB) and 1.0 ms in w4a16 (5.0 GB" in text
-    assert "Not measured: it needs the `nvidia-h200-x2` kind" in text
+    assert "Not measured: it needs a machine of two GPUs" in text
     assert (tmp_path / "gpu8b_serving.png").is_file()
     assert (tmp_path / "gpu8b_lora.png").is_file() and (tmp_path / "gpu8b_quant.png").is_file()
     assert "![gpu8b_quant.png](benchmarks/gpu/gpu8b_quant.png)" in text

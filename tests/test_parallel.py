@@ -171,13 +171,14 @@ def test_ray_executor_on_the_cpu_engine_is_one_line():
     assert len(errors) == 1 and "cpu platform has no Ray support" in errors[0], done.stderr[-2000:]
 
 
-def test_an_engine_that_dies_starting_ends_in_one_line(monkeypatch):
+@pytest.mark.parametrize("front_ends", ["1", "2"])
+def test_an_engine_that_dies_starting_ends_in_one_line(monkeypatch, front_ends):
     """An engine core that dies during start-up (here: asked for a KV cache larger than the machine's memory, which
     vLLM's CPU worker refuses) ends the server with one line pointing at the engine's own log lines, not vLLM's
-    traceback."""
+    traceback: in one process, and with several front ends (vLLM's launcher)."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")  # GiB; the server keeps a value the user set
     ports = ("--port", str(free_port()), "--metrics-port", str(free_port()))
-    done = run_cli("-q", "serve", *ports, timeout=600)
+    done = run_cli("-q", "serve", *ports, "--front-ends", front_ends, timeout=600)
     from superweights.server import app
 
     errors = [line for line in done.stderr.splitlines() if line.startswith("superweights: error: ")]
