@@ -131,14 +131,26 @@ def _not_serving_since(server, since: float, timeout: float = 30) -> tuple[float
     return None
 
 
-def _new_call(server) -> str:
-    try:
-        with channel(server) as ch:
-            list(rpc(ch, "Generate")(request_class("Generate")(text="hi", sampling={"max_tokens": 2}),
-                                     metadata=metadata(server), timeout=10))
-        return "OK"
-    except grpc.RpcError as e:
-        return code_name(e)
+def _new_call(server, timeout: float = 10) -> str:
+    """The code of a new two-token Generate, or "HUNG" if it has not ended `timeout` + 20 s later. The wait is
+    bounded here, not only by the call's deadline: once, in a test run, a call to a server whose engine core had
+    just been killed outlived its 10 s deadline by 14 minutes inside grpc (the channel's poller never delivered
+    its end), and the whole suite hung with it."""
+    result = {"code": "HUNG"}
+
+    def call() -> None:
+        try:
+            with channel(server) as ch:
+                list(rpc(ch, "Generate")(request_class("Generate")(text="hi", sampling={"max_tokens": 2}),
+                                         metadata=metadata(server), timeout=timeout))
+            result["code"] = "OK"
+        except grpc.RpcError as e:
+            result["code"] = code_name(e)
+
+    thread = threading.Thread(target=call, daemon=True)  # a hung one is left behind, not waited for
+    thread.start()
+    thread.join(timeout + 20)
+    return result["code"]
 
 
 def _leftovers(pids: list[int], wait: float = 15) -> list[int]:
