@@ -260,10 +260,11 @@ def process_stats(server) -> dict[str, float]:
 
 
 def adapter_files() -> dict[str, int]:
-    """Every server's temporary adapter directory (/tmp/superweights-adapters-*) with its number of adapters."""
+    """Every server's temporary adapter directory (/tmp/superweights-adapters-*) with its number of adapters (its
+    subdirectories: beside them is the file that names the directory's owner)."""
     import tempfile
 
-    return {str(d): sum(1 for _ in d.iterdir()) for d in Path(tempfile.gettempdir()).glob(ADAPTER_GLOB)
+    return {str(d): sum(p.is_dir() for p in d.iterdir()) for d in Path(tempfile.gettempdir()).glob(ADAPTER_GLOB)
             if d.is_dir()}
 
 

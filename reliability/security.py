@@ -150,7 +150,7 @@ def alpha_lru(server, alphas: int, cap: int) -> dict:
                 variants = rpc(ch, "GetModelInfo")(Info(), metadata=md, timeout=30).variants
                 peak_scaled = max(peak_scaled, sum(v.startswith("scaled_") for v in variants))
                 if adapter_dir is not None:
-                    peak_dirs = max(peak_dirs, sum(1 for _ in adapter_dir.iterdir()))
+                    peak_dirs = max(peak_dirs, sum(p.is_dir() for p in adapter_dir.iterdir()))
     end = process_stats(server)
     return {"alphas": alphas, "cap": cap, "codes": codes, "seconds": round(time.monotonic() - t0, 1),
             "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,

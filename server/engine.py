@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from superweights.compression.errors import UserError
 from superweights.compression.format import BASE, variant_specs
 from superweights.compression.report import SuperWeightReport
 
+from .scratch import make_scratch_dir
 from .variants import Variant, VariantRegistry
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class SuperWeightEngine:
         """The arms of `report` on the server's adapter directory (a front end whose adapters another wrote)."""
         self.report = report
         if self._adapter_root is None and report.super_weights:  # no super weights, no adapters
-            self._adapter_root = Path(tempfile.mkdtemp(prefix=ADAPTER_DIR_PREFIX))
+            self._adapter_root = make_scratch_dir(ADAPTER_DIR_PREFIX)
         self.variants = VariantRegistry(
             self._adapter_root, report, self._given_adapters, zero_base=self.cpu,
             max_scaled=self.config.max_scaled_variants, base_model=str(self.config.checkpoint))

@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing import connection
@@ -41,9 +40,11 @@ from .engine import (
     prepare_workers,
     vllm_usage_context,
 )
+from .scratch import make_scratch_dir
 from .startup import ResolvedModel, resolve_model, served_engine_config
 
 log = logging.getLogger(__name__)
+RUN_DIR_PREFIX = "superweights-run-"  # a server's front ends' shared metrics files
 
 STOP_MARGIN = 30.0  # seconds beyond the grace period before a front end that has not exited is killed
 
@@ -149,7 +150,7 @@ def serve(config: ServeConfig) -> int:
     (the front end's status, or 1)."""
     count = config.front_ends
     check_free(config.host, config.port)  # the front ends share the port: no one else may hold it
-    run_dir = Path(tempfile.mkdtemp(prefix="superweights-run-"))
+    run_dir = make_scratch_dir(RUN_DIR_PREFIX)
     adapter_root: Path | None = None
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
@@ -173,7 +174,7 @@ def serve(config: ServeConfig) -> int:
             httpd = start_metrics(config.host, config.metrics_port, registry)
         resolved = resolve_model(config)
         if resolved.report.super_weights:  # no super weights, no adapters
-            adapter_root = Path(tempfile.mkdtemp(prefix=ADAPTER_DIR_PREFIX))
+            adapter_root = make_scratch_dir(ADAPTER_DIR_PREFIX)
         engine_config = served_engine_config(config, resolved)
         prepare_workers(engine_config)
         args = engine_args(engine_config, resolved.report)

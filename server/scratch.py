@@ -1,0 +1,55 @@
+"""A server's scratch directories in the temporary directory (its adapters, its front ends' metrics). Each names its
+owner process in a file, and a server that makes one first removes those whose owner is gone: a server killed with
+SIGKILL, or by the kernel's OOM killer, cannot remove its own. A directory that names no owner is left alone (a
+server starting right now, or one from before owners were named)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+OWNER = ".owner"  # "<pid> <start time>": the pid alone could be a later process's
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None if it is gone or
+    there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces: field 3 onwards
+
+
+def sweep(prefix: str, root: Path | None = None) -> list[Path]:
+    """Remove the directories `root`/`prefix`* whose named owner has exited; returns them."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid, started = (path / OWNER).read_text().split()
+            mine = _start_time(int(pid)) == started
+        except (OSError, ValueError):
+            continue
+        if not mine:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d scratch directories of servers that exited without cleaning up: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def make_scratch_dir(prefix: str, root: Path | None = None) -> Path:
+    """A new private directory `root`/`prefix`<random> owned by this process, after sweeping the ones of exited
+    owners (only where /proc tells when a process started)."""
+    started = _start_time(os.getpid())
+    if started is not None:
+        sweep(prefix, root)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    if started is not None:
+        (path / OWNER).write_text(f"{os.getpid()} {started}")
+    return path
