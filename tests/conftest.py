@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from reliability import common
@@ -102,6 +103,9 @@ def _hung(item) -> None:
           file=sys.stderr, flush=True)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
+    for child in psutil.Process().children(recursive=True):  # the servers the run started go with it
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     os._exit(1)
 
 
