@@ -493,26 +493,48 @@ def frontend_8b(by_arm: dict[str, dict[int, dict]]) -> str:
                 if openai else "")
 
 
-def ttft_breakdown(by_arm: dict[str, dict[int, dict]], run: dict) -> str:
-    """Client TTFT against where the servers say the time went (vLLM's histograms, our servicer's)."""
-    rows = [(arm, c, lv) for arm, levels in by_arm.items() for c, lv in sorted(levels.items())
+def ttft_breakdown(by_arm: dict[str, dict], run: dict) -> str:
+    """Client TTFT against where the servers say the time went (vLLM's histograms, our servicer's). A level is keyed
+    by its streams, or by (streams, run) where each level ran more than once (a run column then)."""
+    rows = [(arm, key, lv) for arm, levels in by_arm.items() for key, lv in sorted(levels.items())
             if lv.get("server_side")]
     if not rows:
         return ""
+    runs = isinstance(rows[0][1], tuple)
     empty = "ours" in by_arm and not any(lv.get("server_side", {}).get("peak", {}).get("running")
                                          for lv in by_arm["ours"].values())
     cells = []
-    for arm, c, lv in rows:
+    for arm, key, lv in rows:
         s, peak = lv["server_side"], lv["server_side"].get("peak", {})
         mean = {k: s[k]["mean_ms"] if k in s else None for k in
                 ("servicer_ttft", "engine_ttft", "engine_queue", "engine_prefill")}
-        cells.append([arm, str(c), _ms(lv.get("ttft_p50_ms")), *(_ms(v) for v in mean.values()),
+        cells.append([arm, *map(str, key if runs else (key,)), _ms(lv.get("ttft_p50_ms")),
+                      *(_ms(v) for v in mean.values()),
                       *(f"{peak.get(k, 0):.0f}" for k in ("running", "waiting", "admission_queued"))])
     return fill("ttft_breakdown", poll=f"{POLL_INTERVAL_S:g}",
                 note=fill("ttft_columns_empty", vllm=run["vllm"]) if empty else "",
-                table=table(["arm", "streams", "client TTFT p50 ms", "servicer TTFT ms", "engine TTFT ms",
-                             "engine queue ms", "engine prefill ms", "running peak", "waiting peak", "our queue peak"],
-                            cells, "lrrrrrrrrr"))
+                table=table(["arm", "streams", *(["run"] if runs else []), "client TTFT p50 ms", "servicer TTFT ms",
+                             "engine TTFT ms", "engine queue ms", "engine prefill ms", "running peak", "waiting peak",
+                             "our queue peak"], cells, "lr" + "r" * (8 + runs)))
+
+
+def ttft_gap(runs: dict[str, dict[tuple[int, int], dict]], pairs: list[tuple[str, str]]) -> str:
+    """Where ours' TTFT gap to the other server sits, at the levels where ours' is longer: inside the engine core
+    (vLLM's prefill time, the same engine options on both) or between the engine and the client (the rest)."""
+    lines = []
+    for mine, other in pairs:
+        for (c, r), lv in sorted(runs[mine].items()):
+            theirs = runs[other].get((c, r), {})
+            a, b = lv.get("server_side", {}), theirs.get("server_side", {})
+            if not (lv.get("ttft_p50_ms") and theirs.get("ttft_p50_ms") and "engine_prefill" in a
+                    and "engine_prefill" in b) or lv["ttft_p50_ms"] <= theirs["ttft_p50_ms"]:
+                continue
+            prefill = a["engine_prefill"]["mean_ms"] - b["engine_prefill"]["mean_ms"]
+            lines.append(fill("ttft_gap_level", mine=mine, other=other, streams=c, run=r,
+                              gap=f"{lv['ttft_p50_ms'] - theirs['ttft_p50_ms']:.1f}", prefill=f"{prefill:+.1f}",
+                              rest=f"{lv['ttft_p50_ms'] - theirs['ttft_p50_ms'] - prefill:+.1f}"))
+    longer = sum(1 for line in lines if "engine prefill +" in line)
+    return fill("ttft_gap", levels="\n".join(lines), longer=longer, of=len(lines)) if lines else ""
 
 
 def serving_8b_earlier(run: dict | None) -> str:
@@ -644,7 +666,10 @@ def front_ends_section(run: dict | None, gpu: Path) -> str:
                 not_run=fill("front_ends_not_run", what=_and(not_run)) if not_run else "",
                 levels=paragraphs(*tables), ratios=paragraphs(*ratios),
                 spread=_run_spread(runs) if repeat > 1 else "",
-                goals=front_end_goals(runs, servers, pairs, run["tokens"]), plot=_plot(png))
+                goals=front_end_goals(runs, servers, pairs, run["tokens"]),
+                breakdown=paragraphs(ttft_breakdown({a: lv for a, lv in runs.items() if a != "offline"}, run),
+                                     ttft_gap(runs, pairs)),
+                plot=_plot(png))
 
 
 def _run_spread(runs: dict[str, dict[tuple[int, int], dict]]) -> str:

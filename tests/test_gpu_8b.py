@@ -235,9 +235,10 @@ def test_the_report_renders_several_front_ends_run_by_run(tmp_path):
         {"arm": "offline", "engine_options": {"max_num_seqs": 1024},
          "levels": _runs({**_level(1, 100), "batch_seconds_median": 0.65}, _level(256, 9000))},
         {"arm": "ours@4", "front_ends": 4, "client_processes": 4, "command": command,
-         "levels": _runs({**_level(1, 99, 20), **cpu}, {**_level(256, 8900, 300), **cpu})},
+         "levels": _runs({**_level(1, 99, 20, **_server_side(17, 15, servicer=17.5)), **cpu},
+                         {**_level(256, 8900, 300), **cpu})},
         {"arm": "vllm-openai@4", "front_ends": 4, "client_processes": 4, "command": "vllm serve --api-server-count 4",
-         "levels": _runs(_level(1, 100, 18), _level(256, 8000, 320))},
+         "levels": _runs(_level(1, 100, 18, **_server_side(15.5, 13.5)), _level(256, 8000, 320))},
         {"arm": "ours@1", "skipped": "127 s left in the call's budget"}]}
     (tmp_path / "gpu8b_front_ends.json").write_text(json.dumps(run))
     text = "\n".join(report.gpu8b_lines(tmp_path))
@@ -256,7 +257,20 @@ def test_the_report_renders_several_front_ends_run_by_run(tmp_path):
     assert ("`ours@4` at least `vllm-openai@4`'s tok/s at every level, with TTFT p50 no worse: run 1 not met (tok/s "
             "0.990x at 1; TTFT p50 1.111x at 1); run 2 not met (tok/s 0.990x at 1; TTFT p50 1.111x at 1).") in text
     assert "run 1 5.00 ms against 5.08 ms, 0.08 ms apart, met" in text
+    assert "| ours@4 | 1 | 2 | 20 | 18 | 17 | 0 | 15 | 1 | 0 | 0 |" in text, "the TTFT breakdown, run by run"
+    assert "| vllm-openai@4 | 1 | 1 | 18 | - | 16 | 0 | 14 | 1 | 0 | 0 |" in text
+    assert ("- `ours@4` against `vllm-openai@4` at 1 streams, run 1: 2.0 ms longer; engine prefill +1.5 ms, the rest "
+            "+0.5 ms.") in text
+    assert "In 2 of these 2, ours' engine prefill was the longer" in text
     assert (tmp_path / "gpu8b_front_ends.png").is_file()
+
+
+def _server_side(engine_ttft: float, prefill: float, servicer: float | None = None) -> dict:
+    """What a level's server-side metrics hold (means in ms), at 1 stream."""
+    side = {"engine_ttft": {"count": 8, "mean_ms": engine_ttft}, "engine_queue": {"count": 8, "mean_ms": 0.01},
+            "engine_prefill": {"count": 8, "mean_ms": prefill}, "peak": {"running": 1.0, "waiting": 0.0,
+                                                                          "admission_queued": 0.0}}
+    return {**side, "servicer_ttft": {"count": 8, "mean_ms": servicer}} if servicer is not None else side
 
 
 def _profile_table(rows: list[tuple[str, str, str, int]]) -> str:
