@@ -4,14 +4,11 @@ on it (reliability.common's harness, which the campaigns use too)."""
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from reliability import common
@@ -31,9 +28,6 @@ TEST_FLAGS = ("--canary-interval", str(CANARY_INTERVAL_S), "--max-concurrent", "
 # connection, so they reach one front end: the same limits as the one-process "auth" server's)
 TLS_FLAGS = ("--front-ends", "2", "--max-concurrent", "4", "--max-queue", "4", "--grace", "60")
 ENDS_SERVER_SCOPES = ("module", "session")
-# A default-suite test (its fixtures' set-up included) that runs longer than this has hung: its stacks are printed
-# and the run ends, rather than CI waiting out its own limit. The slowest take about 5 minutes here.
-HUNG_AFTER_S = float(os.environ.get("SUPERWEIGHTS_TEST_HUNG_AFTER_S", "900"))
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -76,37 +70,6 @@ def pytest_collection_modifyitems(config, items) -> None:
         if i + 1 == len(ordinary) or ordinary[i + 1].path != item.path:
             ordered += module_enders.pop(item.path, [])
     items[:] = ordered + [item for enders in module_enders.values() for item in enders] + session_enders
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """A watchdog for each default-suite test: past HUNG_AFTER_S, the test's name and every thread's stack go to
-    the real stderr (pytest's capture suspended) and the run ends with status 1. Campaign tests (hours of fuzz, a
-    full install) have no such limit."""
-    watchdog = None
-    if item.get_closest_marker("campaign") is None:
-        watchdog = threading.Timer(HUNG_AFTER_S, _hung, args=(item,))
-        watchdog.daemon = True
-        watchdog.start()
-    try:
-        yield
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-
-
-def _hung(item) -> None:
-    capture = item.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        capture.suspend_global_capture(in_=False)
-    print(f"\n{item.nodeid} has run for more than {HUNG_AFTER_S:.0f} s: hung. Every thread's stack:",
-          file=sys.stderr, flush=True)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    sys.stderr.flush()
-    for child in psutil.Process().children(recursive=True):  # the servers the run started go with it
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    os._exit(1)
 
 
 def assert_clean_engine_death(result: dict) -> None:
