@@ -135,7 +135,7 @@ def _new_call(server, timeout: float = 10) -> str:
     """The code of a new two-token Generate, or "HUNG" if it has not ended `timeout` + 20 s later. The wait is
     bounded here, not only by the call's deadline: once, in a test run, a call to a server whose engine core had
     just been killed outlived its 10 s deadline by 14 minutes inside grpc (the channel's poller never delivered
-    its end), and the whole suite hung with it."""
+    its end), and the test waited with it."""
     result = {"code": "HUNG"}
 
     def call() -> None:
