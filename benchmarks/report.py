@@ -431,6 +431,7 @@ def gpu8b_lines(gpu: Path) -> list[str]:
         ttft_fix_section(_json(gpu / "ttft_135m.json"), [json.loads(p.read_text()) for p in sorted(gpu.glob("gpu_*.json"))]),
         front_ends_section(front_ends, gpu),
         lora_8b_section(lora, gpu) if lora else fill("lora_8b_not_measured"),
+        lora_every_module_section(_json(gpu / "gpu8b_lora_every_module.json"), lora),
         fill("lora_8b_earlier", date=first_lora["date"], table=lora_8b_table(first_lora),
              failures=_unfinished(first_lora["configs"], "config")) if first_lora else "",
         quant_8b_section(quant, gpu, config) if quant else fill("quant_8b_not_measured"),
@@ -740,6 +741,14 @@ def _lora_configs(run: dict) -> tuple[dict[str, dict], dict[int, float]]:
     return configs, {lv["concurrency"]: lv["tokens_per_s"] for lv in configs.get("off", {}).get("base", [])}
 
 
+def _mixed_share(config: dict) -> dict[int, float]:
+    """Mixed traffic's tok/s over the same configuration's base traffic, by batch: what the arms cost within one
+    engine, whatever else ran in the call."""
+    base = {lv["concurrency"]: lv["tokens_per_s"] for lv in config.get("base", [])}
+    return {lv["concurrency"]: lv["tokens_per_s"] / base[lv["concurrency"]] for lv in config.get("mixed", [])
+            if lv["concurrency"] in base}
+
+
 def lora_8b_table(run: dict) -> str:
     configs, off = _lora_configs(run)
     batches = sorted({lv["concurrency"] for c in configs.values() for lv in c["base"]})
@@ -749,8 +758,34 @@ def lora_8b_table(run: dict) -> str:
             tok = {lv["concurrency"]: lv["tokens_per_s"] for lv in configs[name].get(kind, [])}
             if tok:
                 vs = " / ".join(f"{tok[b] / off[b]:.2f}" for b in batches if b in tok and b in off) or "-"
-                rows.append([label, kind, *(f"{tok[b]:,.0f}" if b in tok else "-" for b in batches), vs])
-    return table(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off"], rows, "ll" + "r" * len(batches))
+                share = " / ".join(f"{v:.2f}" for _, v in sorted(_mixed_share(configs[name]).items()))
+                rows.append([label, kind, *(f"{tok[b]:,.0f}" if b in tok else "-" for b in batches), vs,
+                             share if kind == "mixed" and share else "-"])
+    return table(["LoRA", "requests", *(f"tok/s at {b}" for b in batches), "vs off", "mixed / base"], rows,
+                 "ll" + "r" * (len(batches) + 2))
+
+
+def lora_every_module_section(run: dict | None, main: dict | None) -> str:
+    """LoRA on every module with the mixed warm-up, in a call of its own, against down_proj only in the main run:
+    each configuration's mixed traffic over its own base traffic (a ratio taken within one call)."""
+    if not run:
+        return ""
+    shares = {}
+    for source in (run, main or {}):
+        for name, config in _lora_configs(source)[0].items() if source else ():
+            if name != "off" and _mixed_share(config) and name not in shares:
+                shares[name] = (_mixed_share(config), source)
+    compare = ""
+    if {"all", "down_proj"} <= set(shares):
+        (every, a), (down, b) = shares["all"], shares["down_proj"]
+        batches = sorted(set(every) & set(down))
+        compare = fill("lora_every_module_compare", batches=" / ".join(map(str, batches)),
+                       every=" / ".join(f"{every[c]:.2f}" for c in batches),
+                       down=" / ".join(f"{down[c]:.2f}" for c in batches),
+                       every_call=f"{a['date']}, {_short(a['gpu'])}", down_call=f"{b['date']}, {_short(b['gpu'])}")
+    return fill("lora_every_module", date=run["date"], gpu=run["gpu"],
+                configs=", ".join(f"`{c['config']}`" for c in run["configs"]), table=lora_8b_table(run),
+                failures=_unfinished(run["configs"], "config"), compare=compare)
 
 
 def lora_8b_section(run: dict, gpu: Path) -> str:

@@ -193,7 +193,11 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
              "make": {"made": [{"init_seconds": 9}, {"scheme": "w4a16", "bytes": 6_050_000_000}]}, "models": [
         {"model": "bf16", "startup_seconds": 60, "engine_values": [0.001], "decode": [_level(1, 100), _level(32, 2000)]},
         {"model": "w4a16", "startup_seconds": 90, "engine_values": [1.0], "decode": [_level(1, 180), _level(32, 2600)]}]}
-    for name, data in (("gpu8b_serving", serving), ("gpu8b_lora", lora), ("gpu8b_quant_bf16_w4a16", quant)):
+    every = {**facts, "date": "2026-12-08", "tokens": 128, "rounds": 2, "mix": 0.1, "configs": [
+        {"config": "all", "mixed_warmup_seconds": 9.0, "base": [_level(1, 88), _level(32, 1900)],
+         "mixed": [_level(32, 950)]}]}
+    for name, data in (("gpu8b_serving", serving), ("gpu8b_lora", lora), ("gpu8b_quant_bf16_w4a16", quant),
+                       ("gpu8b_lora_every_module", every)):
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     text = "\n".join(report.gpu8b_lines(tmp_path))
     assert "## GPU: an 8B-shaped model" in text and "| ours | 256 | 8,800 | 300 | 600 | 5.00 | 9.00 | 0 |" in text
@@ -204,7 +208,10 @@ def test_the_report_renders_the_8b_sections_from_saved_results(tmp_path):
             "(ours-ids): not met at 1 streams; TTFT p50 no worse than vLLM's OpenAI server's: not met at 256 "
             "streams.") in text
     assert "| ours | 256 | 300 | - | - | 700 | - | 128 | 128 | 0 |" in text, "the engine's queue, shown"
-    assert "| on, down_proj only (ours) | mixed | - | 1,800 | 0.72 |" in text and "`all` did not complete" in text
+    assert "| on, down_proj only (ours) | mixed | - | 1,800 | 0.72 | 0.90 |" in text and "`all` did not complete" in text
+    assert "| on, every module (vLLM's default) | mixed | - | 950 | - | 0.50 |" in text, "its own call: no off"
+    assert ("Mixed traffic over base traffic at 32 at once (each ratio within one call, so calls can be set side by "
+            "side): every module 0.50 (2026-12-08, H200), down_proj only 0.90 (2026-12-01, H200).") in text
     assert "`vllm-openai-nolora` skipped: 40 s left in the call's budget." in text
     assert "no mixed warm-up in this run" in text
     assert "| w4a16 | 180 | 2,600 | 1.80 / 1.30 | 1.0000 | 90 |" in text
