@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-OWNER = ".owner"  # "<pid> <start time>": the pid alone could be a later process's
+OWNER = ".owner"  # "<pid> <start time> <pid namespace>": the pid alone could be a later process's, or another
+# container's that shares this temporary directory (its pids mean nothing here: its directories are left alone)
 
 
 def _start_time(pid: int) -> str | None:
@@ -25,16 +26,28 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces: field 3 onwards
 
 
+def _owner() -> str | None:
+    """This process as an owner file names it; None where /proc does not tell."""
+    started = _start_time(os.getpid())
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return None
+    return f"{os.getpid()} {started} {namespace}" if started is not None else None
+
+
 def sweep(prefix: str, root: Path | None = None) -> list[Path]:
-    """Remove the directories `root`/`prefix`* whose named owner has exited; returns them."""
+    """Remove the directories `root`/`prefix`* whose named owner, a process of this pid namespace, has exited;
+    returns them."""
+    me = _owner()
     removed = []
-    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
+    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*") if me else ():
         try:
-            pid, started = (path / OWNER).read_text().split()
-            mine = _start_time(int(pid)) == started
+            pid, started, namespace = (path / OWNER).read_text().split()
+            gone = namespace == me.split()[2] and _start_time(int(pid)) != started
         except (OSError, ValueError):
             continue
-        if not mine:
+        if gone:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if removed:
@@ -46,10 +59,10 @@ def sweep(prefix: str, root: Path | None = None) -> list[Path]:
 def make_scratch_dir(prefix: str, root: Path | None = None) -> Path:
     """A new private directory `root`/`prefix`<random> owned by this process, after sweeping the ones of exited
     owners (only where /proc tells when a process started)."""
-    started = _start_time(os.getpid())
-    if started is not None:
+    me = _owner()
+    if me is not None:
         sweep(prefix, root)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    if started is not None:
-        (path / OWNER).write_text(f"{os.getpid()} {started}")
+    if me is not None:
+        (path / OWNER).write_text(me)
     return path

@@ -20,13 +20,16 @@ def test_a_dead_owners_directory_is_swept_and_a_live_ones_kept(tmp_path):
     unowned.mkdir()
     other = tmp_path / "superweights-run-x"  # another prefix: not this sweep's
     other.mkdir()
-    (other / OWNER).write_text("1 0")
+    (other / OWNER).write_text("1 0 pid:[1]")
+    elsewhere = tmp_path / f"{PREFIX}container"  # another pid namespace's (a container sharing /tmp): its pids
+    elsewhere.mkdir()  # mean nothing here
+    (elsewhere / OWNER).write_text("999999 1 pid:[1]")
 
     mine = make_scratch_dir(PREFIX, tmp_path)
 
     assert not os.path.exists(dead)
     assert mine.is_dir() and (mine / OWNER).read_text().split()[0] == str(os.getpid())
-    assert unowned.is_dir() and other.is_dir()
+    assert unowned.is_dir() and other.is_dir() and elsewhere.is_dir()
     assert sweep(PREFIX, tmp_path) == []  # this process is alive: its directory stays
 
 
@@ -34,5 +37,6 @@ def test_a_reused_pid_does_not_keep_a_directory(tmp_path):
     """The pid alone could be a later process's: the owner's start time must match too."""
     stale = tmp_path / f"{PREFIX}stale"
     stale.mkdir()
-    (stale / OWNER).write_text(f"{os.getpid()} 1")  # this pid, another start time
+    namespace = os.readlink("/proc/self/ns/pid")
+    (stale / OWNER).write_text(f"{os.getpid()} 1 {namespace}")  # this pid, another start time
     assert sweep(PREFIX, tmp_path) == [stale] and not stale.exists()
