@@ -522,7 +522,7 @@ def ttft_breakdown(by_arm: dict[str, dict], run: dict) -> str:
 def ttft_gap(runs: dict[str, dict[tuple[int, int], dict]], pairs: list[tuple[str, str]]) -> str:
     """Where ours' TTFT gap to the other server sits, at the levels where ours' is longer: inside the engine core
     (vLLM's prefill time, the same engine options on both) or between the engine and the client (the rest)."""
-    lines = []
+    lines, longer = [], 0
     for mine, other in pairs:
         for (c, r), lv in sorted(runs[mine].items()):
             theirs = runs[other].get((c, r), {})
@@ -530,11 +530,11 @@ def ttft_gap(runs: dict[str, dict[tuple[int, int], dict]], pairs: list[tuple[str
             if not (lv.get("ttft_p50_ms") and theirs.get("ttft_p50_ms") and "engine_prefill" in a
                     and "engine_prefill" in b) or lv["ttft_p50_ms"] <= theirs["ttft_p50_ms"]:
                 continue
+            gap = lv["ttft_p50_ms"] - theirs["ttft_p50_ms"]
             prefill = a["engine_prefill"]["mean_ms"] - b["engine_prefill"]["mean_ms"]
-            lines.append(fill("ttft_gap_level", mine=mine, other=other, streams=c, run=r,
-                              gap=f"{lv['ttft_p50_ms'] - theirs['ttft_p50_ms']:.1f}", prefill=f"{prefill:+.1f}",
-                              rest=f"{lv['ttft_p50_ms'] - theirs['ttft_p50_ms'] - prefill:+.1f}"))
-    longer = sum(1 for line in lines if "engine prefill +" in line)
+            longer += prefill > 0
+            lines.append(fill("ttft_gap_level", mine=mine, other=other, streams=c, run=r, gap=f"{gap:.1f}",
+                              prefill=f"{prefill:+.1f}", rest=f"{gap - prefill:+.1f}"))
     return fill("ttft_gap", levels="\n".join(lines), longer=longer, of=len(lines)) if lines else ""
 
 
