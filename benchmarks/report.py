@@ -770,11 +770,12 @@ def lora_every_module_section(run: dict | None, main: dict | None) -> str:
     each configuration's mixed traffic over its own base traffic (a ratio taken within one call)."""
     if not run:
         return ""
-    shares = {}
-    for source in (run, main or {}):
-        for name, config in _lora_configs(source)[0].items() if source else ():
-            if name != "off" and _mixed_share(config) and name not in shares:
-                shares[name] = (_mixed_share(config), source)
+    shares = {}  # configuration -> (its mixed / base by batch, the run it comes from), this call's first
+    for source in filter(None, (run, main)):
+        for name, config in _lora_configs(source)[0].items():
+            share = _mixed_share(config)
+            if share and name not in shares:
+                shares[name] = (share, source)
     compare = ""
     if {"all", "down_proj"} <= set(shares):
         (every, a), (down, b) = shares["all"], shares["down_proj"]

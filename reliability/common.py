@@ -259,13 +259,17 @@ def process_stats(server) -> dict[str, float]:
             "fds": front.num_fds(), "threads": front.num_threads()}
 
 
+def adapter_count(directory: Path) -> int:
+    """The adapters in a server's adapter directory: its subdirectories (beside them is the file that names the
+    directory's owner)."""
+    return sum(p.is_dir() for p in directory.iterdir())
+
+
 def adapter_files() -> dict[str, int]:
-    """Every server's temporary adapter directory (/tmp/superweights-adapters-*) with its number of adapters (its
-    subdirectories: beside them is the file that names the directory's owner)."""
+    """Every server's temporary adapter directory (/tmp/superweights-adapters-*) with its number of adapters."""
     import tempfile
 
-    return {str(d): sum(p.is_dir() for p in d.iterdir()) for d in Path(tempfile.gettempdir()).glob(ADAPTER_GLOB)
-            if d.is_dir()}
+    return {str(d): adapter_count(d) for d in Path(tempfile.gettempdir()).glob(ADAPTER_GLOB) if d.is_dir()}
 
 
 def adapter_dir_of(server, before: dict[str, int]) -> Path | None:

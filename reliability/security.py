@@ -19,6 +19,7 @@ import grpc
 from .certs import make_mtls
 from .common import (
     METHODS,
+    adapter_count,
     adapter_dir_holding,
     adapter_files,
     campaign,
@@ -150,7 +151,7 @@ def alpha_lru(server, alphas: int, cap: int) -> dict:
                 variants = rpc(ch, "GetModelInfo")(Info(), metadata=md, timeout=30).variants
                 peak_scaled = max(peak_scaled, sum(v.startswith("scaled_") for v in variants))
                 if adapter_dir is not None:
-                    peak_dirs = max(peak_dirs, sum(p.is_dir() for p in adapter_dir.iterdir()))
+                    peak_dirs = max(peak_dirs, adapter_count(adapter_dir))
     end = process_stats(server)
     return {"alphas": alphas, "cap": cap, "codes": codes, "seconds": round(time.monotonic() - t0, 1),
             "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,

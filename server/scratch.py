@@ -26,14 +26,14 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces: field 3 onwards
 
 
-def _owner() -> str | None:
-    """This process as an owner file names it; None where /proc does not tell."""
+def _owner() -> tuple[str, str, str] | None:
+    """This process as an owner file names it (pid, start time, pid namespace); None where /proc does not tell."""
     started = _start_time(os.getpid())
     try:
         namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
     except OSError:
         return None
-    return f"{os.getpid()} {started} {namespace}" if started is not None else None
+    return (str(os.getpid()), started, namespace) if started is not None else None
 
 
 def sweep(prefix: str, root: Path | None = None) -> list[Path]:
@@ -44,7 +44,7 @@ def sweep(prefix: str, root: Path | None = None) -> list[Path]:
     for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*") if me else ():
         try:
             pid, started, namespace = (path / OWNER).read_text().split()
-            gone = namespace == me.split()[2] and _start_time(int(pid)) != started
+            gone = namespace == me[2] and _start_time(int(pid)) != started
         except (OSError, ValueError):
             continue
         if gone:
@@ -59,10 +59,9 @@ def sweep(prefix: str, root: Path | None = None) -> list[Path]:
 def make_scratch_dir(prefix: str, root: Path | None = None) -> Path:
     """A new private directory `root`/`prefix`<random> owned by this process, after sweeping the ones of exited
     owners (only where /proc tells when a process started)."""
+    sweep(prefix, root)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     me = _owner()
     if me is not None:
-        sweep(prefix, root)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    if me is not None:
-        (path / OWNER).write_text(me)
+        (path / OWNER).write_text(" ".join(me))
     return path
