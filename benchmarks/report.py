@@ -519,23 +519,33 @@ def ttft_breakdown(by_arm: dict[str, dict], run: dict) -> str:
                              "our queue peak"], cells, "lr" + "r" * (8 + runs)))
 
 
+OFFLINE_PREFILL_MARGIN = 1.1  # ours' engine prefill "no longer than the offline engine's": at most 10% above it
+
+
 def ttft_gap(runs: dict[str, dict[tuple[int, int], dict]], pairs: list[tuple[str, str]]) -> str:
     """Where ours' TTFT gap to the other server sits, at the levels where ours' is longer: inside the engine core
-    (vLLM's prefill time, the same engine options on both) or between the engine and the client (the rest)."""
-    lines, longer = [], 0
+    (vLLM's prefill time, the same engine options on both) or between the engine and the client (the rest); and
+    ours' prefill against the offline engine's, the same engine with no server in front of it."""
+    def prefill(lv: dict) -> float | None:
+        return lv.get("server_side", {}).get("engine_prefill", {}).get("mean_ms")
+
+    offline = runs.get("offline", {})
+    lines, longer, within = [], 0, 0
     for mine, other in pairs:
         for (c, r), lv in sorted(runs[mine].items()):
             theirs = runs[other].get((c, r), {})
-            a, b = lv.get("server_side", {}), theirs.get("server_side", {})
-            if not (lv.get("ttft_p50_ms") and theirs.get("ttft_p50_ms") and "engine_prefill" in a
-                    and "engine_prefill" in b) or lv["ttft_p50_ms"] <= theirs["ttft_p50_ms"]:
+            ours_p, theirs_p, offline_p = prefill(lv), prefill(theirs), prefill(offline.get((c, r), {}))
+            if not (lv.get("ttft_p50_ms") and theirs.get("ttft_p50_ms") and ours_p is not None
+                    and theirs_p is not None) or lv["ttft_p50_ms"] <= theirs["ttft_p50_ms"]:
                 continue
-            gap = lv["ttft_p50_ms"] - theirs["ttft_p50_ms"]
-            prefill = a["engine_prefill"]["mean_ms"] - b["engine_prefill"]["mean_ms"]
-            longer += prefill > 0
+            gap, more = lv["ttft_p50_ms"] - theirs["ttft_p50_ms"], ours_p - theirs_p
+            longer += more > 0
+            within += more > 0 and offline_p is not None and ours_p <= OFFLINE_PREFILL_MARGIN * offline_p
             lines.append(fill("ttft_gap_level", mine=mine, other=other, streams=c, run=r, gap=f"{gap:.1f}",
-                              prefill=f"{prefill:+.1f}", rest=f"{gap - prefill:+.1f}"))
-    return fill("ttft_gap", levels="\n".join(lines), longer=longer, of=len(lines)) if lines else ""
+                              prefill=f"{more:+.1f}", rest=f"{gap - more:+.1f}", ours=f"{ours_p:.1f}",
+                              theirs=f"{theirs_p:.1f}", offline="-" if offline_p is None else f"{offline_p:.1f}"))
+    return fill("ttft_gap", levels="\n".join(lines), longer=longer, of=len(lines), within=within,
+                margin=f"{100 * (OFFLINE_PREFILL_MARGIN - 1):.0f}") if lines else ""
 
 
 def serving_8b_earlier(run: dict | None) -> str:
@@ -668,8 +678,7 @@ def front_ends_section(run: dict | None, gpu: Path) -> str:
                 levels=paragraphs(*tables), ratios=paragraphs(*ratios),
                 spread=_run_spread(runs) if repeat > 1 else "",
                 goals=front_end_goals(runs, servers, pairs, run["tokens"]),
-                breakdown=paragraphs(ttft_breakdown({a: lv for a, lv in runs.items() if a != "offline"}, run),
-                                     ttft_gap(runs, pairs)),
+                breakdown=paragraphs(ttft_breakdown(runs, run), ttft_gap(runs, pairs)),
                 plot=_plot(png))
 
 

@@ -240,7 +240,8 @@ def test_the_report_renders_several_front_ends_run_by_run(tmp_path):
            "config": {"vocab_size": 49152, "_name_or_path": "llama-3-8b-shape (SmolLM2-135M-Instruct-r3 tokenizer)"},
            "levels": [1, 256], "tokens": 128, "prompt_tokens": 32, "budget_s": 500.0, "arms": [
         {"arm": "offline", "engine_options": {"max_num_seqs": 1024},
-         "levels": _runs({**_level(1, 100), "batch_seconds_median": 0.65}, _level(256, 9000))},
+         "levels": _runs({**_level(1, 100, **_server_side(16, 14)), "batch_seconds_median": 0.65},
+                         _level(256, 9000))},
         {"arm": "ours@4", "front_ends": 4, "client_processes": 4, "command": command,
          "levels": _runs({**_level(1, 99, 20, **_server_side(17, 15, servicer=17.5)), **cpu},
                          {**_level(256, 8900, 300), **cpu})},
@@ -266,9 +267,11 @@ def test_the_report_renders_several_front_ends_run_by_run(tmp_path):
     assert "run 1 5.00 ms against 5.08 ms, 0.08 ms apart, met" in text
     assert "| ours@4 | 1 | 2 | 20 | 18 | 17 | 0 | 15 | 1 | 0 | 0 |" in text, "the TTFT breakdown, run by run"
     assert "| vllm-openai@4 | 1 | 1 | 18 | - | 16 | 0 | 14 | 1 | 0 | 0 |" in text
-    assert ("- `ours@4` against `vllm-openai@4` at 1 streams, run 1: 2.0 ms longer; engine prefill +1.5 ms, the rest "
-            "+0.5 ms.") in text
-    assert "In 2 of these 2, ours' engine prefill was the longer" in text
+    assert ("- `ours@4` against `vllm-openai@4` at 1 streams, run 1: 2.0 ms longer; engine prefill +1.5 ms (ours 15.0, "
+            "vllm-openai@4 13.5, the offline engine 14.0 ms), the rest +0.5 ms.") in text
+    assert "| offline | 1 | 1 | - | - | 16 | 0 | 14 | 1 | 0 | 0 |" in text, "the engine with no server, beside them"
+    assert ("In 2 of these 2, ours' engine prefill was the longer; in 2 of those, ours' was no longer than the offline "
+            "engine's (at most 10% above it)") in text
     assert (tmp_path / "gpu8b_front_ends.png").is_file()
 
 
