@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -70,6 +71,17 @@ def engine_start_failures():
 
 class InvalidRequestError(ValueError):
     """A request that vLLM's own checks refuse; the message is vLLM's."""
+
+
+@functools.cache
+def _refusals() -> tuple[type[Exception], ...]:
+    """The exceptions vLLM refuses a request with: ValueError, and from vLLM 0.32 on its VLLMClientError family
+    (VLLMValidationError is no longer a ValueError there)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 @dataclass(frozen=True)
@@ -352,8 +364,19 @@ class SuperWeightEngine:
                 "executor": backend if isinstance(backend, str) else getattr(backend, "__name__", str(backend))}
 
     def mark_dead(self, reason: str) -> None:
-        """The engine core has died (told by the process that launched it): every call from now on fails."""
+        """The engine core has died (told by the process that launched it): every call from now on fails, and
+        the calls in flight fail now. A front end is a client of an engine core it did not launch, so vLLM's own
+        monitor of the core's process (which does both) is not running here."""
         self._dead = reason
+        engine = self._engine
+        if engine is None:
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+        if resources is not None:
+            resources.engine_dead = True  # vLLM's client refuses new requests with EngineDeadError from now on
+        engine.output_processor.propagate_error(EngineDeadError())  # every generate() in flight raises it
 
     @property
     def engine(self):
@@ -404,6 +427,9 @@ class SuperWeightEngine:
     def tokenize(self, text: str, chat: bool = False, special: bool = True) -> list[int]:
         """Token ids as the model expects a prompt (its BOS convention kept); special=False: the bare text."""
         if chat:
+            if not getattr(self._tokenizer, "chat_template", None):
+                raise InvalidRequestError("prompt.chat: this model's tokenizer has no chat template; send the "
+                                          "prompt as plain text (chat=false)")
             encoded = self._tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                           add_generation_prompt=True, tokenize=True)
             if hasattr(encoded, "keys"):  # transformers 5 returns a BatchEncoding, 4 a list of ids
@@ -437,7 +463,7 @@ class SuperWeightEngine:
                                   logprobs=s.logprobs or None,
                                   ignore_eos=s.ignore_eos, prompt_logprobs=prompt_logprobs,
                                   detokenize=s.detokenize, output_kind=RequestOutputKind.DELTA)
-        except ValueError as e:
+        except _refusals() as e:
             raise InvalidRequestError(f"sampling: {e}") from e
 
     def _choices(self, token_ids, logprobs, detokenize: bool = True) -> tuple[TokenChoice, ...]:
@@ -465,36 +491,46 @@ class SuperWeightEngine:
             stream = engine.generate(await self._engine_input(prompt_ids), params, request_id, lora_request=lora)
             completion = 0
             try:
-                async for out in stream:
-                    o = out.outputs[0]
-                    completion += len(o.token_ids)
-                    finish = o.finish_reason if out.finished else None
-                    yield Chunk(text=o.text or "", token_ids=tuple(o.token_ids),
-                                tokens=self._choices(o.token_ids, o.logprobs, sampling.detokenize),
-                                finish_reason=finish,
-                                prompt_tokens=len(prompt_ids), completion_tokens=completion)
+                with self._request_errors():
+                    async for out in stream:
+                        o = out.outputs[0]
+                        completion += len(o.token_ids)
+                        finish = o.finish_reason if out.finished else None
+                        yield Chunk(text=o.text or "", token_ids=tuple(o.token_ids),
+                                    tokens=self._choices(o.token_ids, o.logprobs, sampling.detokenize),
+                                    finish_reason=finish,
+                                    prompt_tokens=len(prompt_ids), completion_tokens=completion)
             except (asyncio.CancelledError, GeneratorExit):
                 await engine.abort(request_id)
                 raise
-            except ValueError as e:  # vLLM's input and sampling checks
-                if not self.alive:
-                    raise EngineError(f"the engine has died: {engine.dead_error}") from e
-                raise InvalidRequestError(str(e)) from e
-            except Exception as e:
-                if not self.alive:
-                    raise EngineError(f"the engine has died: {engine.dead_error}") from e
-                raise
             finally:
                 await stream.aclose()
+
+    @contextlib.contextmanager
+    def _request_errors(self):
+        """What a request to the engine raises, as the servicer maps it: EngineError once the engine has died
+        (whatever vLLM raised), InvalidRequestError for vLLM's own refusals of the request, anything else as is."""
+        try:
+            yield
+        except Exception as e:
+            if not self.alive:
+                raise EngineError(f"the engine has died: {self._death()}") from e
+            if isinstance(e, _refusals()):
+                raise InvalidRequestError(str(e)) from e
+            raise
+
+    def _death(self) -> str:
+        return self._dead or str(getattr(self._engine, "dead_error", "")) or "its engine core has stopped"
 
     async def _score(self, ids: list[int], variant: Variant | None, k: int) -> list[dict]:
         """Prompt logprobs: for i >= 1, {token_id: Logprob} at position i (top-k plus the actual token)."""
         params = self.sampling_params(Sampling(max_tokens=1, temperature=0.0), prompt_logprobs=k)
         scored = None
         async with self._holding(variant) as lora:
-            async for out in self.engine.generate(await self._engine_input(ids), params, uuid.uuid4().hex,
-                                                  lora_request=lora):
-                scored = out.prompt_logprobs or scored
+            with self._request_errors():
+                async for out in self.engine.generate(await self._engine_input(ids), params, uuid.uuid4().hex,
+                                                      lora_request=lora):
+                    scored = out.prompt_logprobs or scored
         return list(scored[1:])
 
     async def prompt_logprobs(self, ids: list[int], variant: Variant | None = None) -> list[float]:

@@ -22,13 +22,15 @@ DECLARED = "11:507:1229,11:507:1487"
 
 def no_super_weight_model(directory):
     """A small random Llama (head_dim 64, which the CPU attention kernels take) with the default model's
-    tokenizer: its activations have no outlier for detection to find."""
+    tokenizer less its chat template (a base model's): its activations have no outlier for detection to find."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(resolve_checkpoint(None).path).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(None).path)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(directory)
 
 
 def config_only_copy(directory):
@@ -69,6 +71,9 @@ def test_a_model_without_super_weights_serves_base_only(models):
         assert client.health() == "SERVING"
         assert list(client.model_info().variants) == ["base"]
         assert client.generate("The capital of France is", max_tokens=4, temperature=0.0)["completion_tokens"] == 4
+        with pytest.raises(grpc.RpcError) as e:  # a base model: no chat template to apply
+            client.generate("The capital of France is", chat=True, max_tokens=4)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no chat template" in e.value.details()
         report = client.super_weights()
         assert not report.super_weights
         assert json.loads(report.report_json)["layer_stats"], "the evidence (per-layer extremes) is reported"
