@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import shutil
 import zlib
@@ -144,10 +145,19 @@ class VariantRegistry:
         name = name or BASE
         if name in self.fixed:
             return self.fixed[name]
-        if name.startswith(SCALED) and self.root is not None and (self.root / name / ADAPTER_FILES[0]).is_file():
-            alpha = float(name.removeprefix(SCALED))
-            return self._scaled_variant(scaled_spec(self.report, alpha))
+        if name.startswith(SCALED) and self.root is not None:
+            spec = self._scaled_spec(name)
+            # only a name the server itself gives a scaled arm is looked up: never a path the client spells
+            if spec is not None and spec.name == name and (self.root / name / ADAPTER_FILES[0]).is_file():
+                return self._scaled_variant(spec)
         raise UnknownVariantError(name, self.names)
+
+    def _scaled_spec(self, name: str) -> VariantSpec | None:
+        try:
+            alpha = float(name.removeprefix(SCALED))
+        except ValueError:
+            return None
+        return scaled_spec(self.report, alpha) if math.isfinite(alpha) else None
 
     def _scaled_variant(self, spec: VariantSpec) -> Variant:
         lora = _lora_request(spec.name, lora_id(spec.name, self._fixed_names), self.root / spec.name)

@@ -72,3 +72,23 @@ def test_the_bound_holds_for_the_whole_server_and_a_held_arm_is_never_evicted(tm
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("scaled_")) == ["scaled_1.25", "scaled_2"]
     with pytest.raises(UnknownVariantError, match="unknown variant 'scaled_1.5'"):
         b.resolve("scaled_1.5")
+
+
+def test_a_variant_name_is_looked_up_only_as_the_server_spells_it(tmp_path):
+    """A client's variant name never chooses a path: after scaled_1.5 exists, "scaled_1.5/" (which pathlib reads as
+    the same directory), a name that climbs out of the adapter directory to one holding an adapter_config.json,
+    and a non-canonical spelling of 1.5 are all unknown variants (INVALID_ARGUMENT), not a lookup on disk."""
+    reg, engine = registry(tmp_path / "adapters"), Engine()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{}")
+
+    async def scenario():
+        reg.write_fixed()
+        reg.release(await reg.scaled(1.5, engine.remove_lora))
+
+    asyncio.run(scenario())
+    assert reg.resolve("scaled_1.5").name == "scaled_1.5"
+    for name in ("scaled_1.5/", "scaled_1.5/../../outside", "scaled_1.50", "scaled_nan", "scaled_"):
+        with pytest.raises(UnknownVariantError):
+            reg.resolve(name)
