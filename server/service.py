@@ -87,7 +87,9 @@ def sampling_from_proto(msg: pb.SamplingParams, limits: Limits) -> Sampling:
 
 
 def prompt_ids_from_proto(msg, engine: SuperWeightEngine, sampling: Sampling, limits: Limits,
-                          max_model_len: int) -> list[int]:
+                          max_model_len: int, scored: bool = False) -> list[int]:
+    """The prompt's token ids, checked. scored: a compare, which also scores the prompt and the first arm's
+    continuation together as one prompt, and vLLM wants one position beyond a prompt."""
     kind = msg.WhichOneof("prompt")
     if kind is None:
         raise invalid("prompt is empty: set prompt.text or prompt.token_ids")
@@ -104,9 +106,10 @@ def prompt_ids_from_proto(msg, engine: SuperWeightEngine, sampling: Sampling, li
         ids = msg.token_ids.ids  # up to a million ids fit in a message: its length first, one scan at most
         if not ids:
             raise invalid("prompt.token_ids is empty")
-    if len(ids) + sampling.max_tokens > max_model_len:
+    if len(ids) + sampling.max_tokens + scored > max_model_len:
+        why = " (a compare scores prompt and continuation together: one token less than the context)" if scored else ""
         raise invalid(f"prompt has {len(ids)} tokens; with max_tokens={sampling.max_tokens} that exceeds the "
-                      f"context of {max_model_len} tokens: shorten the prompt or lower max_tokens")
+                      f"context of {max_model_len} tokens{why}: shorten the prompt or lower max_tokens")
     if kind == "token_ids":
         vocab = engine.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
@@ -284,7 +287,8 @@ class SuperWeightService(pb_grpc.SuperWeightServiceServicer):
             for alpha in request.alphas:
                 if not (math.isfinite(alpha) and ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]):
                     raise invalid(f"alphas must be finite and within {ALPHA_RANGE}, got {alpha}")
-            ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"])
+            ids = prompt_ids_from_proto(request, self.engine, sampling, self.limits, self.model_info["max_model_len"],
+                                        scored=True)
             async with self.admission.slot(), self.engine.scaled_variants(list(request.alphas)) as scaled:
                 arms = list({v.name: v for v in variants + scaled}.values())
                 result = await compare(self.engine, ids, sampling, arms, self.stop_ids)

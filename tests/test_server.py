@@ -183,10 +183,13 @@ def test_bad_generate_input_is_invalid_argument(client, request_args, fragment):
     ({"variants": ["base", "bogus"]}, "unknown variant 'bogus'"),
     ({"alphas": [float("nan")]}, "alphas must be finite"),
     ({"alphas": [1, 2, 3, 4, 5]}, "at most 4 alphas"),
+    # a Generate of these would fit the context exactly; a compare also scores prompt + continuation as one prompt
+    ({"prompt": [5] * 1024, "max_tokens": 1024}, "one token less than the context"),
 ])
 def test_bad_compare_input_is_invalid_argument(client, compare_args, fragment):
+    args = {"prompt": "hi", "max_tokens": 2, **compare_args}
     with pytest.raises(grpc.RpcError) as e:
-        client.compare("hi", max_tokens=2, **compare_args)
+        client.compare(args.pop("prompt"), **args)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in e.value.details()
 
 
