@@ -281,8 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .options import engine_options
     from .service import Limits
 
-    tokens = tuple(args.auth_token or ()) + tuple(
-        t for t in os.environ.get("SUPERWEIGHTS_AUTH_TOKENS", "").split(",") if t.strip())
+    tokens = _auth_tokens(args.auth_token or (), os.environ.get("SUPERWEIGHTS_AUTH_TOKENS", ""))
     engine = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                           max_scaled_variants=args.max_scaled_variants, seed=args.seed,
                           engine_options=engine_options(args.engine_arg or ()))
@@ -299,12 +298,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if front_ends == "auto":
         from .frontends import auto_front_ends
 
-        front_ends = auto_front_ends(is_cpu_engine(args.device))
+        front_ends = min(auto_front_ends(is_cpu_engine(args.device)), args.max_concurrent)
+    elif front_ends > args.max_concurrent:  # each front end admits its share of the calls, at least one
+        raise UserError(f"--front-ends {front_ends} is more than --max-concurrent {args.max_concurrent}: each front "
+                        f"end admits its share of the server's concurrent calls, at least one; raise --max-concurrent "
+                        f"or lower --front-ends")
     if front_ends == 1:
         return asyncio.run(run(config))
     from .frontends import serve
 
     return serve(replace(config, front_ends=front_ends))
+
+
+def _auth_tokens(flags, environment: str) -> tuple[str, ...]:
+    """The accepted bearer tokens: each --auth-token, then $SUPERWEIGHTS_AUTH_TOKENS's comma-separated ones, with
+    the spaces around each dropped (a client's header is read so too). An empty --auth-token (an unset variable,
+    say) is refused: it would turn auth on with no token to send."""
+    tokens = [t.strip() for t in flags]
+    if not all(tokens):
+        raise UserError("--auth-token is empty (an unset shell variable?): give the token, or leave the flag out "
+                        "to serve without auth")
+    return tuple(tokens + [t.strip() for t in environment.split(",") if t.strip()])
 
 
 def _front_ends(value: str) -> int | str:

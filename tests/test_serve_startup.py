@@ -112,3 +112,26 @@ def test_the_engine_gets_the_api_servers_scheduler_defaults(monkeypatch):
         asyncio.run(engine.start())
     assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
     assert isinstance(seen["args"], AsyncEngineArgs) and seen["args"].max_num_seqs is None  # vLLM's default applies
+
+
+def _last_line_error(done, fragment: str) -> None:
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("superweights: error: ")]
+    assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1] and fragment in errors[0]
+
+
+def test_more_front_ends_than_concurrent_calls_is_refused():
+    """Each front end admits its share of --max-concurrent, at least one call: 4 front ends cannot share 2."""
+    done = run_cli("-q", "serve", "--front-ends", "4", "--max-concurrent", "2", timeout=FAST)
+    _last_line_error(done, "--front-ends 4 is more than --max-concurrent 2")
+
+
+def test_an_empty_auth_token_is_refused():
+    """`--auth-token "$TOKEN"` with TOKEN unset would turn auth on with a token any blank header matches."""
+    assert_one_line_error(run_cli("-q", "serve", "--auth-token", " ", timeout=FAST), "--auth-token is empty")
+
+
+def test_auth_tokens_are_read_as_the_header_is():
+    from superweights.server.cli import _auth_tokens
+
+    assert _auth_tokens(["a "], " b , ,c") == ("a", "b", "c")
