@@ -45,13 +45,23 @@ async def compare(engine: SuperWeightEngine, ids: list[int], sampling: Sampling,
     top-k for the first arm, teacher-forced top-k for the others, so every arm is judged on the same text.
     """
     sampling = Sampling(**{**sampling.__dict__, "logprobs": max(sampling.logprobs, MAX_LOGPROBS)})
-    arms = await asyncio.gather(*(_run_arm(engine, ids, sampling, v) for v in variants))
+    arms = await _together(_run_arm(engine, ids, sampling, v) for v in variants)
     reference = arms[0]
-    forced = await asyncio.gather(*(engine.forced_topk(ids, reference.token_ids, v, MAX_LOGPROBS)
-                                    for v in variants[1:]))
+    forced = await _together(engine.forced_topk(ids, reference.token_ids, v, MAX_LOGPROBS) for v in variants[1:])
     contexts = [[topk(t) for t in reference.tokens]] + list(forced)
     measured = [Arm(**{**arm.__dict__, "stop_word_mass": stop_word_mass(context, stop_ids)})
                 for arm, context in zip(arms, contexts)]
     divergences = [(arm.variant, divergence(reference.tokens, f, reference.token_ids, arm.token_ids))
                    for arm, f in zip(arms[1:], forced)]
     return CompareResult(measured, divergences)
+
+
+async def _together(coroutines) -> list:
+    """Every result, in order; if one fails, the others are cancelled before the error goes on (their engine
+    requests aborted), so no arm runs on after its call has ended."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except ExceptionGroup as failed:  # the first arm's error, as the caller would have had it from one arm
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]

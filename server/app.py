@@ -47,6 +47,10 @@ READY = "ready.json"  # in a server's run directory: the first front end's once-
 ENGINE_DIED = signal.SIGUSR1  # server.frontends to its front ends: the engine core has died
 
 
+class StoppedStarting(Exception):
+    """SIGTERM or SIGINT came while this front end waited for the first one to be ready."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None
@@ -231,7 +235,10 @@ class Server:
             if front_end:
                 write_ready(front_end.run_dir, self.engine.report, self.engine.probed_values)
         else:
-            report, self.engine.probed_values = await wait_ready(front_end.run_dir)
+            ready = await wait_ready(front_end.run_dir, self._stop_requested)
+            if ready is None:
+                raise StoppedStarting("stopped before the first front end was ready")
+            report, self.engine.probed_values = ready
             self.engine.attach_variants(report)
             served = {}
         self.metrics.observe_served(self.engine.report.super_weights, self.engine.probed_values,
@@ -328,10 +335,14 @@ def write_ready(run_dir: Path, report: SuperWeightReport, probed: list[float] | 
     write_atomic(Path(run_dir) / READY, json.dumps({"report": report.to_dict(), "probed": probed}))
 
 
-async def wait_ready(run_dir: Path, poll: float = 0.2) -> tuple[SuperWeightReport, list[float] | None]:
-    """Until the first front end has written READY (server.frontends stops every front end if it dies first)."""
+async def wait_ready(run_dir: Path, stop: asyncio.Event | None = None,
+                     poll: float = 0.2) -> tuple[SuperWeightReport, list[float] | None] | None:
+    """Until the first front end has written READY; None if `stop` is set first (server.frontends stops every
+    front end with SIGTERM if the first one dies before it is ready)."""
     path = Path(run_dir) / READY
     while not path.exists():
+        if stop is not None and stop.is_set():
+            return None
         await asyncio.sleep(poll)
     ready = json.loads(path.read_text())
     return SuperWeightReport.from_dict(ready["report"]), ready["probed"]
@@ -384,6 +395,10 @@ async def run(config: ServeConfig, front_end: FrontEnd | None = None) -> int:
         loop.add_signal_handler(sig, server.request_stop)
     if front_end is not None:
         loop.add_signal_handler(ENGINE_DIED, server.engine_died, "its process has exited")
-    await server.start()
+    try:
+        await server.start()
+    except StoppedStarting as e:
+        log.info("%s", e)
+        return server.exit_code
     await server.wait()
     return server.exit_code
