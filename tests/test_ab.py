@@ -40,3 +40,34 @@ def test_compare_measures_every_arm_on_the_first_arms_continuation():
     expected_kl = 0.9 * (math.log(0.9) - math.log(0.1)) + 0.1 * (math.log(0.1) - math.log(0.1))
     assert abs(d.mean_kl_topk - expected_kl) < 1e-9
     assert all(len(a.tokens) == 4 for a in result.arms)  # logprobs raised to the top-k that the measures need
+
+
+def test_an_arm_that_fails_stops_the_others():
+    """One arm's error ends the compare with that error (the servicer maps it), and the other arms are cancelled,
+    not left generating in the engine after their call has ended."""
+    from superweights.server.variants import UnknownVariantError
+
+    cancelled = []
+
+    class FailingEngine(ScriptedEngine):
+        async def generate(self, ids, sampling, variant):
+            if variant.name == "gone":
+                raise UnknownVariantError("gone", ["base"])
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(variant.name)
+                raise
+            yield  # an async generator, as the engine's
+
+    variants = [Variant("base", "base", None), Variant("gone", "scaled", None, 1.5)]
+
+    async def scenario():
+        try:
+            await asyncio.wait_for(compare(FailingEngine(), [1], Sampling(max_tokens=2), variants, STOP), 10)
+        except UnknownVariantError as e:
+            return e
+
+    assert isinstance(asyncio.run(scenario()), UnknownVariantError)
+    assert cancelled == ["base"]
+

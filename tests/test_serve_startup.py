@@ -135,3 +135,18 @@ def test_auth_tokens_are_read_as_the_header_is():
     from superweights.server.cli import _auth_tokens
 
     assert _auth_tokens(["a "], " b , ,c") == ("a", "b", "c")
+
+
+def test_a_front_end_waiting_for_ready_stops_when_told(tmp_path):
+    """A front end that waits for the first one to be ready (which may be failing its self-check) ends its wait on
+    SIGTERM instead of being killed after grace + margin."""
+    import asyncio
+
+    from superweights.server.app import wait_ready
+
+    async def scenario():
+        stop = asyncio.Event()
+        stop.set()
+        return await asyncio.wait_for(wait_ready(tmp_path, stop, poll=0.01), 5)
+
+    assert asyncio.run(scenario()) is None
