@@ -23,15 +23,16 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import connection
 from pathlib import Path
 
 from superweights.compression.errors import UserError
 
-from .app import ENGINE_DIED, FrontEnd, ServeConfig, check_free, run, start_metrics, stop_metrics
+from .app import ENGINE_DIED, FrontEnd, ServeConfig, StartupError, check_free, run, start_metrics, stop_metrics
 from .engine import (
     ADAPTER_DIR_PREFIX,
     FrontEndClient,
@@ -130,6 +131,23 @@ def _launched(vllm_config, count: int, spec: _Spec):
         yield front_ends, engine_manager
 
 
+def hold_port(host: str, port: int) -> socket.socket:
+    """The port, bound but not listening, for as long as the server runs. SO_REUSEPORT lets this server's front
+    ends listen on it beside this socket (minutes later, once the engine core is up) and brings no connection here;
+    without SO_REUSEADDR, another server's check_free is refused meanwhile, so two servers started together cannot
+    both come to serve one port. Port 0 becomes the one port the kernel chose, for every front end."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    held = socket.socket(family, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        held.bind(sockaddr)
+    except OSError as e:
+        held.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; choose another with --port/--host or "
+                           f"stop the other server") from e
+    return held
+
+
 def _stats_address(coordinator) -> str | None:
     return coordinator.get_stats_publish_address() if coordinator else None
 
@@ -150,6 +168,8 @@ def serve(config: ServeConfig) -> int:
     (the front end's status, or 1)."""
     count = config.front_ends
     check_free(config.host, config.port)  # the front ends share the port: no one else may hold it
+    held = hold_port(config.host, config.port)
+    config = replace(config, port=held.getsockname()[1])
     run_dir = make_scratch_dir(RUN_DIR_PREFIX)
     adapter_root: Path | None = None
     metrics_dir = run_dir / "metrics"
@@ -188,6 +208,7 @@ def serve(config: ServeConfig) -> int:
         log.info("stopped while starting")
         return 0
     finally:
+        held.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if httpd is not None:

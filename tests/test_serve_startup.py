@@ -150,3 +150,37 @@ def test_a_front_end_waiting_for_ready_stops_when_told(tmp_path):
         return await asyncio.wait_for(wait_ready(tmp_path, stop, poll=0.01), 5)
 
     assert asyncio.run(scenario()) is None
+
+
+def test_a_held_port_is_refused_to_another_server_and_open_to_the_front_ends():
+    """While a server of several front ends starts (minutes), its port is held: another server's check refuses
+    it, and the front ends' gRPC servers still listen on it and are reached there."""
+    import asyncio
+
+    import grpc
+
+    from superweights.server.app import StartupError, check_free
+    from superweights.server.frontends import hold_port
+
+    held = hold_port("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    try:
+        assert port != 0
+        with pytest.raises(StartupError, match="Address already in use"):
+            check_free("127.0.0.1", port)
+
+        async def front_ends():
+            servers = [grpc.aio.server() for _ in range(2)]
+            try:
+                assert [s.add_insecure_port(f"127.0.0.1:{port}") for s in servers] == [port, port]
+                for s in servers:
+                    await s.start()
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+            finally:
+                for s in servers:
+                    await s.stop(0)
+
+        asyncio.run(front_ends())
+    finally:
+        held.close()
