@@ -57,11 +57,13 @@ async def compare(engine: SuperWeightEngine, ids: list[int], sampling: Sampling,
 
 
 async def _together(coroutines) -> list:
-    """Every result, in order; if one fails, the others are cancelled before the error goes on (their engine
-    requests aborted), so no arm runs on after its call has ended."""
+    """Every result, in order; if one fails (or the caller is cancelled), the others are cancelled and awaited
+    before the error goes on (their engine requests aborted), so no arm runs on after its call has ended."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coroutines]
-    except ExceptionGroup as failed:  # the first arm's error, as the caller would have had it from one arm
-        raise failed.exceptions[0] from None
-    return [t.result() for t in tasks]
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
