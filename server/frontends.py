@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -131,11 +132,15 @@ def _launched(vllm_config, count: int, spec: _Spec):
         yield front_ends, engine_manager
 
 
-def hold_port(host: str, port: int) -> socket.socket:
+def hold_port(host: str, port: int) -> socket.socket | None:
     """The port, bound but not listening, for as long as the server runs. SO_REUSEPORT lets this server's front
     ends listen on it beside this socket (minutes later, once the engine core is up) and brings no connection here;
     without SO_REUSEADDR, another server's check_free is refused meanwhile, so two servers started together cannot
-    both come to serve one port. Port 0 becomes the one port the kernel chose, for every front end."""
+    both come to serve one port. Port 0 becomes the one port the kernel chose, for every front end.
+
+    None where the port cannot be held though check_free found no one listening: connections of an earlier server
+    that listened without SO_REUSEPORT (a one-process server) still in TIME_WAIT there. The server then starts
+    unheld, as check_free allows, and says so."""
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     held = socket.socket(family, socket.SOCK_STREAM)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -143,8 +148,11 @@ def hold_port(host: str, port: int) -> socket.socket:
         held.bind(sockaddr)
     except OSError as e:
         held.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; choose another with --port/--host or "
-                           f"stop the other server") from e
+        if e.errno == errno.EADDRINUSE:
+            log.warning("port %d not held while the engine starts (an earlier server's connections are still "
+                        "closing there): a server started meanwhile on it would not be refused", port)
+            return None
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; choose another with --port/--host") from e
     return held
 
 
@@ -169,7 +177,8 @@ def serve(config: ServeConfig) -> int:
     count = config.front_ends
     check_free(config.host, config.port)  # the front ends share the port: no one else may hold it
     held = hold_port(config.host, config.port)
-    config = replace(config, port=held.getsockname()[1])
+    if held is not None:
+        config = replace(config, port=held.getsockname()[1])
     run_dir = make_scratch_dir(RUN_DIR_PREFIX)
     adapter_root: Path | None = None
     metrics_dir = run_dir / "metrics"
@@ -208,7 +217,8 @@ def serve(config: ServeConfig) -> int:
         log.info("stopped while starting")
         return 0
     finally:
-        held.close()
+        if held is not None:
+            held.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if httpd is not None:

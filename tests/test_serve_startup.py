@@ -184,3 +184,26 @@ def test_a_held_port_is_refused_to_another_server_and_open_to_the_front_ends():
         asyncio.run(front_ends())
     finally:
         held.close()
+
+
+def test_a_port_an_earlier_server_left_in_time_wait_starts_unheld():
+    """Connections a one-process server (no SO_REUSEPORT) closed stay in TIME_WAIT on its port for a minute: no
+    one listens, so check_free lets a server of several front ends start there; the port is then not held (None),
+    rather than the start refused."""
+    import socket
+
+    from superweights.server.app import check_free
+    from superweights.server.frontends import hold_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+    listener.close()
+    client.close()
+    check_free("127.0.0.1", port)
+    assert hold_port("127.0.0.1", port) is None
