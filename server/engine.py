@@ -382,10 +382,8 @@ class SuperWeightEngine:
     def engine(self):
         if self._engine is None:
             raise EngineError("the engine is not running")
-        if self._dead is not None:
-            raise EngineError(f"the engine has died: {self._dead}")
-        if self._engine.errored:
-            raise EngineError(f"the engine has died: {self._engine.dead_error}")
+        if not self.alive:
+            raise EngineError(f"the engine has died: {self._death()}")
         return self._engine
 
     @property
@@ -520,6 +518,7 @@ class SuperWeightEngine:
             raise
 
     def _death(self) -> str:
+        """Why the engine is dead: what the launching process told (mark_dead), else vLLM's own error."""
         return self._dead or str(getattr(self._engine, "dead_error", "")) or "its engine core has stopped"
 
     async def _score(self, ids: list[int], variant: Variant | None, k: int) -> list[dict]:
